@@ -1,0 +1,160 @@
+"""Load a frozen Stable Diffusion (and optional TAESD) component by component, outside any DeepSpeed engine.
+
+The folder layout is the one ``StableDiffusionPipeline.from_pretrained`` reads (``vae/``, ``unet/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``), from a local folder or a Hugging Face hub id. Loading the parts
+individually skips the safety checker and feature extractor, which online augmentation never uses.
+Every module is frozen (``requires_grad_(False)``, ``eval()``): the generator is inference-only and must never be
+handed to ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from online_aug.config import ConfigError
+
+SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion that SDEdit needs. ``taesd`` replaces the VAE for encode/decode when set."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: Any  # a diffusers SchedulerMixin; only its config (alphas_cumprod, prediction type) is used
+    taesd: AutoencoderTiny | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) read now, not at import, so a test or launcher can set it late."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    return False
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else ("./x", "/abs", "a/b/c", "~/x") can only be a folder.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
+    module.to(device=device, dtype=dtype)
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _load_scheduler(source: str, kw: dict[str, Any]) -> Any:
+    config = DDIMScheduler.load_config(source, subfolder="scheduler", **kw)
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        cls = DDIMScheduler  # only the noise schedule in the config matters; the update is ours
+    return cls.from_config(config)
+
+
+def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "") -> SDComponents:
+    """Load vae / unet / text_encoder / tokenizer / scheduler of ``model`` (hub id or local diffusers folder).
+
+    Args:
+        model: Hugging Face hub id or a local folder in diffusers format (the ``aug.model`` key).
+        device: where the modules live.
+        dtype: weight dtype of vae, unet, text encoder (and TAESD).
+        taesd: optional ``AutoencoderTiny`` hub id or folder (the ``aug.taesd`` key); empty for none.
+
+    Raises:
+        ConfigError: naming ``aug.model`` and the missing subfolder (local folder) or the unreachable hub id.
+    """
+    offline = hub_offline()
+    local = Path(model).expanduser()
+    kw: dict[str, Any] = {}
+    if local.is_dir():
+        missing = [s for s in SD_SUBFOLDERS if not (local / s).is_dir()]
+        if missing:
+            raise ConfigError(
+                f"aug.model={model!r}: the local folder has no {', '.join(m + '/' for m in missing)} subfolder"
+                f"{'s' if len(missing) > 1 else ''}. A diffusers Stable Diffusion folder holds "
+                f"{', '.join(s + '/' for s in SD_SUBFOLDERS)} (as written by pipeline.save_pretrained); complete it "
+                f"or point aug.model at a complete folder (e.g. build the tiny one with tools/build_tiny_sd.py)."
+            )
+        source = str(local)
+    elif _looks_like_path(model):
+        raise ConfigError(
+            f"aug.model={model!r}: no such folder. Point aug.model at a local diffusers folder "
+            f"(e.g. build the tiny one with tools/build_tiny_sd.py) or at a Hugging Face hub id."
+        )
+    else:
+        source = model
+        if offline:
+            # huggingface_hub reads HF_HUB_OFFLINE at import; asking for the local cache only honours a late setting.
+            kw["local_files_only"] = True
+
+    part = "scheduler"
+    try:
+        scheduler = _load_scheduler(source, kw)
+        part = "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        part = "text_encoder"
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
+        part = "vae"
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
+        part = "unet"
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
+    except ConfigError:
+        raise
+    except Exception as e:  # every loader failure becomes one actionable message, chained
+        if source == model and not local.is_dir():
+            how = "HF_HUB_OFFLINE=1, so only the local Hugging Face cache was searched" if offline else \
+                "the hub could not be reached or has no such model"
+            raise ConfigError(
+                f"aug.model={model!r} is not a local folder and could not be loaded as a Hugging Face hub id "
+                f"({how}; {type(e).__name__} while loading {part}/). Download it first, e.g. "
+                f"`huggingface-cli download {model}` on a machine with network access, or point aug.model at a "
+                f"local diffusers folder."
+            ) from e
+        raise ConfigError(f"aug.model={model!r}: cannot load {part}/ ({type(e).__name__}: {e}); "
+                          f"re-save the folder with pipeline.save_pretrained or point aug.model elsewhere.") from e
+
+    tiny = load_taesd(taesd, device, dtype) if taesd else None
+    return SDComponents(
+        vae=_freeze(vae, device, dtype),
+        unet=_freeze(unet, device, dtype),
+        text_encoder=_freeze(text_encoder, device, dtype),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        taesd=tiny,
+    )
+
+
+def load_taesd(name: str, device: torch.device, dtype: torch.dtype) -> AutoencoderTiny:
+    """``AutoencoderTiny`` from a folder or hub id (the ``aug.taesd`` key), frozen."""
+    local = Path(name).expanduser()
+    kw: dict[str, Any] = {}
+    if not local.is_dir():
+        if _looks_like_path(name):
+            raise ConfigError(f"aug.taesd={name!r}: no such folder; point it at an AutoencoderTiny folder or hub id "
+                              f"(e.g. madebyollin/taesd), or leave it empty to use the SD VAE.")
+        if hub_offline():
+            kw["local_files_only"] = True
+    try:
+        model = AutoencoderTiny.from_pretrained(str(local) if local.is_dir() else name, torch_dtype=dtype, **kw)
+    except Exception as e:  # chained, so the original traceback stays visible
+        raise ConfigError(
+            f"aug.taesd={name!r} cannot be loaded ({type(e).__name__}: {e}). Download it first (e.g. "
+            f"`huggingface-cli download {name}`), point aug.taesd at a local AutoencoderTiny folder, or leave it empty."
+        ) from e
+    return _freeze(model, device, dtype)

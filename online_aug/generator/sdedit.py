@@ -1,0 +1,310 @@
+"""Batched SDEdit with a strength, target class and timestep schedule per sample.
+
+SDEdit (Meng et al., "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations", ICLR 2022)
+noises a real image's latent to an intermediate timestep and denoises it under a (target-class) prompt; diffusers
+implements it as ``StableDiffusionImg2ImgPipeline``. Here every image of a batch has its own strength and target, so
+the schedule is a per-sample table and the scheduler update is per sample (see :mod:`.schedulers`); one UNet call per
+loop step serves the whole batch, with classifier-free guidance as ``[uncond; cond]``.
+
+Prompt embeddings are computed once per class and cached; the text encoder never runs inside :meth:`edit`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from online_aug.config import ConfigError
+from online_aug.generator.loading import SDComponents, load_sd
+from online_aug.generator.schedulers import (
+    PerSampleScheduler,
+    Schedule,
+    SchedulerKind,
+    fewstep_schedule,
+    guidance_scale_embedding,
+)
+
+if TYPE_CHECKING:
+    from online_aug.config import AugConfig
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``aug.dtype``: "auto" is fp16 on CUDA (SD's native inference precision) and fp32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"aug.dtype={name!r} is not one of auto, fp32, fp16, bf16")
+    return _DTYPES[name]
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class SDEditGenerator:
+    """Few-step (default) or diffusers-grid SDEdit over a batch with per-sample strength and target class.
+
+    ``strength`` (as diffusers describes it): indicates extent to transform the reference ``image``. Must be between
+    0 and 1. ``image`` is used as a starting point and more noise is added the higher the ``strength``. The number of
+    denoising steps depends on the amount of noise initially added. When ``strength`` is 1, added noise is maximum
+    and the denoising process runs for the full number of iterations specified in ``num_inference_steps``. A value
+    of 1 essentially ignores ``image``.
+
+    How a strength ``s`` becomes a schedule (``T`` = ``num_train_timesteps``, 1000 for SD):
+
+    - ``schedule="fewstep"``: every sample runs exactly ``K = steps`` UNet evaluations. Its start is
+      ``t0 = min(T - 1, floor(s * T))``; step ``k`` (``k = 0..K-1``) is at ``t_k = round(t0 * (K - k) / K)``
+      (round half up) and moves to ``t_{k+1}``; the last step moves to the end of the chain (timestep -1:
+      ``final_alpha_cumprod`` for DDIM/LCM, sigma 0 for Euler). The image is noised to ``t0``. ``num_inference_steps``
+      of the description above is ``K`` here, whatever ``s``.
+    - ``schedule="grid"``: exactly ``StableDiffusionImg2ImgPipeline``'s schedule for ``(N = grid_steps, s)``:
+      ``scheduler.set_timesteps(N)``, ``init_timestep = min(int(N * s), N)``, ``t_start = max(N - init_timestep, 0)``,
+      ``timesteps = scheduler.timesteps[t_start:]``; the image is noised at ``timesteps[0]`` and runs ``int(N * s)``
+      steps. Samples join the shared N-step loop at their entry step and are left untouched before it.
+
+    ``int``/``floor`` of ``N*s`` and ``s*T`` use a 1e-6 tolerance so that a float32 0.7 counts as 0.7.
+
+    Guidance: classifier-free guidance with batch ``[uncond; cond]`` when ``guidance_scale > 1`` and the UNet has no
+    ``time_cond_proj_dim``; an LCM-distilled UNet (with ``time_cond_proj_dim``) gets the guidance-scale embedding
+    instead, as in diffusers.
+    """
+
+    def __init__(
+        self,
+        components: SDComponents,
+        class_prompts: list[str],
+        *,
+        negative_prompt: str = "",
+        guidance_scale: float = 3.0,
+        schedule: Literal["fewstep", "grid"] = "fewstep",
+        steps: int = 4,
+        grid_steps: int = 25,
+        scheduler: SchedulerKind = "ddim",
+        resolution: int = 0,
+        latent_noise: float = 0.0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if schedule not in ("fewstep", "grid"):
+            raise ConfigError(f"aug.schedule={schedule!r} is not one of fewstep, grid")
+        if steps < 1 or grid_steps < 1:
+            raise ConfigError("aug.steps and aug.grid_steps must be >= 1")
+        if latent_noise < 0:
+            raise ConfigError(f"aug.latent_noise must be >= 0, got {latent_noise}")
+        self.components = components
+        self.vae, self.unet, self.taesd = components.vae, components.unet, components.taesd
+        self.text_encoder, self.tokenizer = components.text_encoder, components.tokenizer
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.guidance_scale = float(guidance_scale)
+        self.schedule = schedule
+        self.steps = int(steps)
+        self.grid_steps = int(grid_steps)
+        self.latent_noise = float(latent_noise)
+        self.negative_prompt = negative_prompt
+        try:
+            self.sched = PerSampleScheduler(scheduler, components.scheduler.config, self.device)
+        except ValueError as e:
+            raise ConfigError(f"aug.scheduler={scheduler!r}: {e}") from e
+        if schedule == "grid" and scheduler == "lcm":
+            orig = int(getattr(self.sched.ref.config, "original_inference_steps", grid_steps))
+            if grid_steps > orig:
+                raise ConfigError(f"aug.grid_steps={grid_steps} exceeds the LCM scheduler's original_inference_steps "
+                                  f"({orig}); lower aug.grid_steps")
+
+        self.vae_scale_factor = components.vae_scale_factor
+        native = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self.resolution = int(resolution) or native
+        # The UNet halves the latent once per down block but the last; the latent side must survive that.
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        if self.resolution % multiple:
+            raise ConfigError(f"aug.resolution={self.resolution} must be a multiple of {multiple} for this model "
+                              f"(0 uses the native {native})")
+
+        self.time_cond_proj_dim = self.unet.config.time_cond_proj_dim
+        self.do_cfg = self.guidance_scale > 1 and self.time_cond_proj_dim is None
+        self.timestep_cond: Tensor | None = None
+        if self.time_cond_proj_dim is not None:
+            w = torch.tensor([self.guidance_scale - 1.0], device=self.device)
+            self.timestep_cond = guidance_scale_embedding(w, self.time_cond_proj_dim).to(self.dtype)
+
+        self.prompt_embeds: Tensor
+        self.uncond_embeds: Tensor
+        self.set_class_prompts(class_prompts)
+
+    @classmethod
+    def from_config(cls, aug: AugConfig, class_names: list[str], device: torch.device) -> SDEditGenerator:
+        """Load ``aug.model`` and build the generator; prompts are ``aug.prompt.format(name=n)`` per class."""
+        names = list(aug.class_names) or list(class_names)
+        if aug.class_names and len(aug.class_names) != len(class_names):
+            raise ConfigError(f"aug.class_names has {len(aug.class_names)} names but the dataset has "
+                              f"{len(class_names)} classes; give one name per class or leave it empty")
+        try:
+            prompts = [aug.prompt.format(name=n) for n in names]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"aug.prompt={aug.prompt!r}: only the {{name}} placeholder is allowed ({e})") from e
+        device = torch.device(device)
+        dtype = resolve_dtype(aug.dtype, device)
+        if device.type == "cpu" and dtype == torch.float16:
+            raise ConfigError("aug.dtype=fp16 needs CUDA; use aug.dtype=fp32 or bf16 on CPU")
+        components = load_sd(aug.model, device, dtype, aug.taesd)
+        return cls(
+            components,
+            prompts,
+            negative_prompt=aug.negative_prompt,
+            guidance_scale=aug.guidance_scale,
+            schedule=aug.schedule,
+            steps=aug.steps,
+            grid_steps=aug.grid_steps,
+            scheduler=aug.scheduler,
+            resolution=aug.resolution,
+            latent_noise=aug.latent_noise,
+            device=device,
+            dtype=dtype,
+        )
+
+    # ------------------------------------------------------------------ prompts
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """``[P, L, D]`` text embeddings, tokenised and encoded as ``StableDiffusionPipeline.encode_prompt`` does."""
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tok.attention_mask.to(self.device)
+        out = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+        return out.to(device=self.device, dtype=self.dtype)
+
+    def set_class_prompts(self, prompts: list[str]) -> None:
+        """Rebuild the prompt cache: ``prompt_embeds [C, L, D]`` (one per class) and ``uncond_embeds [1, L, D]``."""
+        if not prompts:
+            raise ConfigError("no class prompts: the dataset has no classes or aug.class_names is empty")
+        self.class_prompts = list(prompts)
+        self.prompt_embeds = self.encode_prompts(self.class_prompts)
+        self.uncond_embeds = self.encode_prompts([self.negative_prompt])
+
+    # ------------------------------------------------------------------ schedule
+
+    def _schedule(self, strengths: Tensor) -> Schedule:
+        if self.schedule == "fewstep":
+            return fewstep_schedule(strengths, self.steps, self.sched.num_train_timesteps)
+        return self.sched.grid_schedule(strengths, self.grid_steps)
+
+    def timesteps_for(self, strengths: Tensor) -> Tensor:
+        """``[M, S+1]`` int timesteps per sample (``S = steps`` or ``grid_steps``), on ``strengths.device``.
+
+        Column ``k < S`` is the timestep the sample is at when loop step ``k`` runs, or -1 when it does not take part
+        in that step (grid mode, before it joins); the last column is -1, the clean end of the chain. The number of
+        denoising steps of a sample is ``(table[:, :-1] >= 0).sum(1)``: ``K`` in few-step mode, ``int(N*s)`` in grid
+        mode. (DDIM in grid mode steps from ``t`` to ``t - T//N`` as diffusers does, which can differ by one from the
+        next column when ``T/N`` is not an integer and spacing is "trailing" or "linspace".)
+        """
+        return self._schedule(strengths).table().to(strengths.device)
+
+    # ------------------------------------------------------------------ VAE
+
+    def _encode(self, x: Tensor) -> Tensor:
+        """Pixels in [-1, 1] -> scaled latents (the VAE posterior mean: SDEdit's noise comes from add_noise only)."""
+        if self.taesd is not None:
+            return self.taesd.encode(x).latents * self.taesd.config.scaling_factor
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    def _decode(self, z: Tensor) -> Tensor:
+        if self.taesd is not None:
+            return self.taesd.decode(z / self.taesd.config.scaling_factor).sample
+        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+
+    # ------------------------------------------------------------------ edit
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        images: Tensor,
+        strengths: Tensor,
+        targets: Tensor,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """SDEdit ``images`` towards the prompts of ``targets``, each sample with its own strength.
+
+        Args:
+            images: ``[M, 3, H, W]`` float in [0, 1] at the classifier resolution, on ``self.device``.
+            strengths: ``[M]`` float in [0, 1] (see the class docstring). Keep them on the CPU: the schedule table is
+                built on the host, so strengths on the GPU cost one device sync here (before the loop, never in it).
+            targets: ``[M]`` long class ids indexing the prompt cache.
+            generator: RNG for all noise (CPU or ``self.device`` generator; ``randn_tensor`` draws on the generator's
+                device and copies). Draw order: the SDEdit noise ``[M, 4, h, w]`` (unless ``noise`` is given), then
+                the latent perturbation if ``latent_noise > 0``, then (LCM) one ``[M, 4, h, w]`` re-noise per step
+                except the last. The first draw is the same call as the img2img pipeline's ``prepare_latents``.
+            noise: optional ``[M, 4, h, w]`` SDEdit noise (``h = w = resolution / vae scale``), e.g. drawn per sample
+                so that a sample's result does not depend on the batch it is in.
+
+        Returns:
+            ``(edited, finite)``: ``edited`` is ``[M, 3, H, W]`` float32 in [0, 1]; ``finite`` is ``[M]`` bool. A
+            sample whose decoded image is not finite is replaced by its input image and flagged False.
+        """
+        M, _, H, W = images.shape
+        dev, dt = self.device, self.dtype
+        sched = self._schedule(strengths).to(dev)
+        targets = targets.to(dev)
+        R = self.resolution
+
+        x = _resize(images.to(dev, torch.float32), (R, R)) * 2 - 1
+        # The loop state stays float32 (the UNet runs in self.dtype): per-sample alphas are float32 tensors, and
+        # fp16 latents would lose precision in the x0 reconstruction at high noise levels.
+        z0 = self._encode(x.to(dt)).float()
+        if noise is None:
+            noise = randn_tensor(z0.shape, generator=generator, device=dev, dtype=dt)
+        elif noise.shape != z0.shape:
+            raise ValueError(f"noise must have shape {tuple(z0.shape)}, got {tuple(noise.shape)}")
+        if self.latent_noise > 0:  # latent perturbation (semantic-aug §3.1): z0 + delta * N(0, I)
+            z0 = z0 + self.latent_noise * randn_tensor(z0.shape, generator=generator, device=dev, dtype=dt).float()
+        lat = self.sched.add_noise(z0, noise.to(dev).float(), sched.start)
+
+        cond = self.prompt_embeds[targets]
+        if self.do_cfg:
+            emb = torch.cat([self.uncond_embeds.expand(M, -1, -1), cond])
+        else:
+            emb = cond
+        tcond = None
+        if self.timestep_cond is not None:
+            tcond = self.timestep_cond.expand(emb.shape[0], -1)
+
+        S = sched.t.shape[1]
+        for k in range(sched.first_step, S):
+            t, t_prev, active = sched.t[:, k], sched.t_prev[:, k], sched.active[:, k]
+            inp = self.sched.scale_model_input(lat, t).to(dt)
+            t_in = t
+            if self.do_cfg:
+                inp, t_in = torch.cat([inp, inp]), torch.cat([t, t])
+            out = self.unet(inp, t_in, encoder_hidden_states=emb, timestep_cond=tcond, return_dict=False)[0].float()
+            if self.do_cfg:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
+            step_noise = None
+            if self.sched.kind == "lcm" and k < S - 1:
+                step_noise = randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
+            new = self.sched.step(out, lat, t, t_prev, step_noise)
+            # Grid mode: a sample that has not joined yet keeps its noised latent (the mask is a tensor op: no sync).
+            lat = torch.where(active.view(-1, 1, 1, 1), new, lat)
+
+        img = self._decode(lat.to(dt)).float()
+        # NaN/inf guard as a tensor op (no host sync): checked before clamping, which would turn inf into 1.
+        finite = torch.isfinite(img).flatten(1).all(dim=1)
+        img = _resize((img / 2 + 0.5).clamp(0, 1), (H, W)).clamp(0, 1)
+        edited = torch.where(finite.view(-1, 1, 1, 1), img, images.to(dev, torch.float32))
+        return edited, finite

@@ -1,0 +1,95 @@
+"""Monitoring on the main rank: TensorBoard scalars and image grids, ``summary.csv``, a progress bar, the final table.
+
+Other ranks get a :class:`NullMonitor`, so callers never branch on rank (torchtitan's no-op logger pattern).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import fmt
+
+
+class NullMonitor:
+    """The no-op monitor of non-zero ranks."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def images(self, tag: str, step: int, grid: torch.Tensor, caption: str = "") -> None: ...
+
+    def summary_row(self, row: dict[str, Any]) -> None: ...
+
+    def progress(self, n: int = 1, **postfix: Any) -> None: ...
+
+    def print(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Monitor(NullMonitor):
+    """TensorBoard writer, summary.csv and a tqdm bar for the main rank."""
+
+    def __init__(self, run_dir: Path, total_steps: int, initial_step: int = 0, show_progress: bool = True):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.csv_path = self.run_dir / "summary.csv"
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
+                        disable=not show_progress)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                self.writer.add_scalar(k, v, step)
+
+    def images(self, tag: str, step: int, grid: torch.Tensor, caption: str = "") -> None:
+        self.writer.add_image(tag, grid.clamp(0, 1), step)
+        if caption:
+            self.writer.add_text(tag + "/caption", caption, step)
+
+    def summary_row(self, row: dict[str, Any]) -> None:
+        """Append one row (timm's summary.csv); the header is written with the first row, or rewritten if
+        a resumed run adds new columns."""
+        rows: list[dict[str, Any]] = []
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with open(self.csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+    def progress(self, n: int = 1, **postfix: Any) -> None:
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def print(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.flush()
+        self.writer.close()
+
+
+def eval_table(metrics: dict[str, float], class_names: list[str], train_counts: list[int]) -> str:
+    """The final evaluation as a plain-text table (percentages)."""
+    lines = [f"{'metric':<22}{'value':>8}", "-" * 30]
+    for k in ("top1", "balanced_acc", "acc_many", "acc_medium", "acc_few"):
+        lines.append(f"{k:<22}{fmt(metrics.get(k, math.nan)):>8}")
+    lines.append("-" * 30)
+    for c, name in enumerate(class_names):
+        lines.append(f"{name + f' (n={train_counts[c]})':<22}{fmt(metrics.get(f'class_acc/{c}', math.nan)):>8}")
+    return "\n".join(lines)

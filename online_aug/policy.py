@@ -1,0 +1,133 @@
+"""Augmentation planning: which samples are edited, at what strength, toward which class, with what label.
+
+A pure function of (labels, rng, config). Methods:
+- DA-Fusion (Trabucco et al. 2024): intra-class edits, t0 ~ U{0.25, 0.5, 0.75, 1.0}.
+- Diff-Mix (Wang et al. 2024): inter-class edits, s ~ U{0.5, 0.7, 0.9}, soft label eq. 3:
+  y = (1 - s^gamma) * onehot(source) + s^gamma * onehot(target).
+- Long-tail rebalancing: targets p(c) ∝ 1/n_c^beta, or ``uniformize``: the water-filling q that makes
+  (1 - alpha) * pi + alpha * q as flat as alpha allows (pi = the real class prior).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import AugConfig, ConfigError
+
+
+@dataclass
+class AugPlan:
+    """What to do with one batch. Index tensors refer to positions in the batch."""
+
+    index: torch.Tensor  # [M] long, batch positions to edit
+    strength: torch.Tensor  # [M] float, SDEdit strength per edited sample
+    source: torch.Tensor  # [M] long, the real class of each edited sample
+    target: torch.Tensor  # [M] long, the prompt class of each edited sample
+    soft_label: torch.Tensor  # [B, C] float, labels for the whole batch (real rows one-hot)
+
+    @property
+    def num_edits(self) -> int:
+        return int(self.index.numel())
+
+
+def uniformize_targets(class_counts: list[int] | np.ndarray, alpha: float) -> np.ndarray:
+    """Water-filling target distribution q over classes.
+
+    Real samples arrive with prior pi (the class frequencies); a fraction alpha is replaced by synthetic samples of
+    class q. We choose q (a distribution) so that the expected mix m = (1 - alpha) * pi + alpha * q is as flat as
+    possible: m_c = max(level, (1 - alpha) * pi_c), with the level set so that sum(m) = 1. Classes already above the
+    level get no synthetic targets; if alpha is large enough, m is exactly uniform.
+
+    Note the sources of the edits are drawn from the batch itself, so the real rows that are *replaced* are
+    distributed as pi too; the formula above accounts for that.
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or (counts < 0).any() or counts.sum() <= 0:
+        raise ConfigError("target_mode=uniformize needs the long-tail training class counts (all >= 0, not all 0)")
+    if alpha <= 0:
+        return np.full(counts.size, 1.0 / counts.size)
+    pi = counts / counts.sum()
+    real = (1 - alpha) * pi
+    # find level L with sum(max(L, real)) = 1 by sorting (exact water-filling)
+    srt = np.sort(real)
+    c = counts.size
+    level = 1.0 / c
+    for k in range(c):  # k lowest classes are filled up to L; the rest stay at their real mass
+        rest = srt[k + 1:].sum() if k + 1 < c else 0.0
+        cand = (1.0 - rest) / (k + 1)
+        if k + 1 == c or cand <= srt[k + 1]:
+            level = cand
+            break
+    mix = np.maximum(level, real)
+    q = (mix - real) / alpha
+    q = np.clip(q, 0, None)
+    return q / q.sum()
+
+
+def target_distribution(cfg: AugConfig, class_counts: list[int] | None, num_classes: int) -> np.ndarray:
+    """The class distribution targets are drawn from (inter / uniformize); uniform when no counts are needed."""
+    if cfg.target_mode == "uniformize":
+        if class_counts is None:
+            raise ConfigError("aug.target_mode=uniformize needs the training class counts (a long-tail dataset)")
+        return uniformize_targets(class_counts, cfg.alpha)
+    if cfg.target_mode == "inter" and cfg.target_dist == "inverse":
+        if class_counts is None:
+            raise ConfigError("aug.target_dist=inverse needs the training class counts")
+        n = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+        p = n ** (-cfg.beta)
+        return p / p.sum()
+    return np.full(num_classes, 1.0 / num_classes)
+
+
+class AugPolicy:
+    """Plans one batch. Holds only derived constants; all randomness comes from the ``rng`` passed to ``plan``."""
+
+    def __init__(self, cfg: AugConfig, num_classes: int, class_counts: list[int] | None = None):
+        if cfg.target_mode not in ("intra", "inter", "uniformize"):
+            raise ConfigError(f"aug.target_mode={cfg.target_mode!r} is unknown; use intra, inter or uniformize")
+        if num_classes < 2 and cfg.target_mode != "intra":
+            raise ConfigError(f"aug.target_mode={cfg.target_mode} needs at least 2 classes")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.target_p = torch.as_tensor(target_distribution(cfg, class_counts, num_classes), dtype=torch.float64)
+        self.strength_set = torch.tensor(cfg.strengths, dtype=torch.float32)
+
+    def plan(self, labels: torch.Tensor, rng: torch.Generator) -> AugPlan:
+        """Plan edits for a batch of hard ``labels`` [B] (CPU tensor) with a CPU ``rng``."""
+        cfg, b = self.cfg, labels.numel()
+        labels = labels.long().cpu()
+        if cfg.exact_alpha:
+            m = int(round(cfg.alpha * b))
+            index = torch.randperm(b, generator=rng)[:m].sort().values
+        else:
+            index = torch.nonzero(torch.rand(b, generator=rng) < cfg.alpha).flatten()
+        m = index.numel()
+        if cfg.strength_range:
+            lo, hi = cfg.strength_range
+            strength = lo + (hi - lo) * torch.rand(m, generator=rng)
+        else:
+            strength = self.strength_set[torch.randint(len(self.strength_set), (m,), generator=rng)]
+        source = labels[index]
+        if cfg.target_mode == "intra":
+            target = source.clone()
+        else:
+            target = torch.multinomial(self.target_p, m, replacement=True, generator=rng) if m else source.clone()
+        soft = torch.nn.functional.one_hot(labels, self.num_classes).float()
+        if m:
+            # scatter_add makes target == source (every intra edit) a hard label: (1 - w) + w on one class
+            w = strength.pow(cfg.gamma)
+            edited = torch.zeros(m, self.num_classes)
+            edited.scatter_add_(1, source[:, None], (1 - w)[:, None])
+            edited.scatter_add_(1, target[:, None], w[:, None])
+            soft[index] = edited
+        return AugPlan(index=index, strength=strength.float(), source=source, target=target, soft_label=soft)
+
+
+def step_rng(seed: int, rank: int, step: int) -> torch.Generator:
+    """The RNG of one (seed, rank, step): reproducible, independent of threads, continued exactly on resume."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return g

@@ -1,0 +1,262 @@
+"""The training loop: a DeepSpeed engine around a timm classifier, fed by real or online-augmented batches.
+
+One readable path: build (data, model, engine, batch source), then ``fit`` runs steps, evaluates, logs and
+checkpoints. The frozen diffusion model never enters DeepSpeed: it lives in the batch source.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .batches import Batch, real_loader
+from .config import Config, save_config
+from .data import Splits, build_splits
+from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
+from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_entropy
+from .metrics import classification_metrics, fmt
+from .model import create_classifier
+from .monitor import Monitor, NullMonitor, eval_table
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / max(1, t.warmup_steps)
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def train_transform(cfg: Config):
+    if not cfg.train.randaugment:
+        return None
+    from timm.data.auto_augment import rand_augment_transform
+
+    return rand_augment_transform(cfg.train.randaugment, {"translate_const": int(cfg.data.image_size * 0.45)})
+
+
+class RealSource:
+    """Real micro-batches with one-hot targets (the baseline, and the fallback when α = 0)."""
+
+    def __init__(self, loader, device: torch.device, num_classes: int, start: int):
+        self.it, self.device, self.num_classes, self.step = iter(loader), device, num_classes, start
+
+    def __next__(self) -> Batch:
+        x, y = next(self.it)
+        b = Batch(images=x.to(self.device, non_blocking=True),
+                  targets=torch.nn.functional.one_hot(y, self.num_classes).float().to(self.device),
+                  labels=y, step=self.step, stats={})
+        self.step += 1
+        return b
+
+    def release(self, batch: Batch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None, show_progress: bool = True):
+        import deepspeed
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.rank, self.local_rank, self.world = init_distributed(self.device)
+        self.precision = resolve_precision(cfg, self.device)
+        self.dtype = DTYPES[self.precision]
+        self.micro_bs, self.accum = micro_batch(cfg, self.world)
+
+        # data first: bad data fails before any model is built
+        self.splits: Splits = build_splits(cfg.data, train_transform(cfg))
+        self.class_counts = self.splits.train.class_counts()
+        self.num_classes = self.splits.num_classes
+
+        resume_from = None
+        if resume:
+            run_dir, ckpt_dir, tag = checkpoint.find_resume(resume, cfg.run.out_dir, cfg.run.name)
+            resume_from = (ckpt_dir, tag)
+        else:
+            run_dir = checkpoint.new_run_dir(cfg.run.out_dir, cfg.run.name, self.rank)
+        self.run_dir = run_dir
+        if self.rank == 0:
+            save_config(cfg, run_dir / "config.yaml")
+
+        torch.manual_seed(cfg.run.seed)  # identical classifier init on every rank (ZeRO partitions after init)
+        model = create_classifier(cfg.model, self.num_classes)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world, self.precision))
+
+        self.start_step = 0
+        if resume_from is not None:
+            client = checkpoint.load(self.engine, *resume_from)
+            self.start_step = int(client["step"])
+
+        self.mixup = None
+        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
+            self.mixup = SoftTargetMixup(mixup_alpha=cfg.train.mixup_alpha, cutmix_alpha=cfg.train.cutmix_alpha,
+                                         prob=cfg.train.mix_prob, num_classes=self.num_classes)
+        self.drw_weights = class_balanced_weights(self.class_counts).to(self.device)
+
+        is_main = self.rank == 0
+        self.monitor = (Monitor(run_dir, cfg.train.steps, self.start_step, show_progress) if is_main
+                        else NullMonitor())
+        self.source = self._batch_source()
+
+    # ------------------------------------------------------------------ building
+
+    def _batch_source(self):
+        cfg = self.cfg
+        start_micro = self.start_step * self.accum
+        loader = real_loader(self.splits.train, self.micro_bs, self.rank, self.world,
+                             seed=cfg.run.seed, start=start_micro, num_workers=cfg.data.num_workers)
+        if cfg.aug.alpha <= 0:
+            return RealSource(loader, self.device, self.num_classes, start_micro)
+        from .augment import build_augmented_source
+
+        return build_augmented_source(cfg, loader, self.splits, self.device, self.rank, start_micro)
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        engine = self.engine
+        engine.train()
+        self.monitor.print(f"run directory: {self.run_dir}")
+        loss_sum = torch.zeros((), device=self.device)  # accumulated on device: no sync per step
+        loss_n, seen, t_last = 0, 0, time.perf_counter()
+        aug_acc: dict[str, float] = {}
+        metrics: dict[str, float] = {}
+        try:
+            for step in range(self.start_step, t.steps):
+                drw = self.drw_weights if t.drw_start > 0 and step >= int(t.drw_start * t.steps) else None
+                for _ in range(self.accum):
+                    batch = next(self.source)
+                    loss = self._micro_step(batch, drw)
+                    loss_sum += loss.detach()
+                    loss_n += 1
+                    seen += len(batch.labels) * self.world
+                    for k, v in batch.stats.items():
+                        aug_acc[k] = aug_acc.get(k, 0.0) + v
+                    if batch.examples is not None:
+                        self._log_examples(step, batch.examples)
+                done = step + 1
+                if done % t.log_every == 0 or done == t.steps:
+                    # .item() is a device sync point: once per log interval, not per step
+                    elapsed = time.perf_counter() - t_last
+                    values = {"train/loss": (loss_sum / max(1, loss_n)).item(),
+                              "train/lr": self.scheduler.get_last_lr()[0],
+                              "train/images_per_s": seen / max(elapsed, 1e-9)}
+                    values.update(self._aug_scalars(aug_acc, loss_n))
+                    self.monitor.scalars(done, values)
+                    self.last_train = values
+                    loss_sum.zero_()
+                    loss_n, seen, t_last, aug_acc = 0, 0, time.perf_counter(), {}
+                    self.monitor.progress(0, loss=f"{values['train/loss']:.3f}")
+                if done % t.eval_every == 0 or done == t.steps:
+                    metrics = self.evaluate(done)
+                if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
+                    checkpoint.save(engine, self.run_dir, done, {"micro_step": done * self.accum}, t.keep_last,
+                                    self.rank)
+                self.monitor.progress(1)
+        finally:
+            self.source.close()
+        self.monitor.close()
+        if self.rank == 0 and metrics:
+            print("\nfinal evaluation (test split, %):")
+            print(eval_table(metrics, self.splits.class_names, self.class_counts))
+            print(f"\nrun directory: {self.run_dir}")
+            print(f"tensorboard --logdir {self.run_dir / 'tb'}")
+        return metrics
+
+    def _micro_step(self, batch: Batch, class_weight: torch.Tensor | None) -> torch.Tensor:
+        if batch.ready is not None:
+            # wait for the producer's stream on this batch only, never on the whole device
+            torch.cuda.current_stream(self.device).wait_event(batch.ready)
+        x, y = batch.images, batch.targets
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        y = smooth(y, self.cfg.train.label_smoothing)
+        logits = self.engine(x.to(self.dtype))
+        loss = soft_cross_entropy(logits, y, class_weight)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.source.release(batch)  # its buffers may be refilled once the work queued above is done
+        return loss
+
+    def _aug_scalars(self, acc: dict[str, float], n: int) -> dict[str, float]:
+        """Sums over the interval → per-batch means, except counters which stay sums."""
+        if not acc:
+            return {}
+        out = {}
+        for k, v in acc.items():
+            out[k] = v if k in ("aug/nonfinite_dropped", "aug/filtered") else v / max(1, n)
+        return out
+
+    def _log_examples(self, step: int, ex: dict[str, Any]) -> None:
+        import torchvision
+
+        pairs = torch.stack([ex["source"], ex["edited"]], 1).flatten(0, 1)  # source | edited, side by side
+        grid = torchvision.utils.make_grid(pairs.float().cpu(), nrow=2 * min(4, len(ex["source"])), padding=1)
+        self.monitor.images("aug/examples", step, grid, "  \n".join(ex["captions"]))
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, step: int, split: str = "test") -> dict[str, float]:
+        """Sharded evaluation; every rank runs the same number of forwards (ZeRO-3 gathers collectively)."""
+        ds = self.splits.test if split == "test" else self.splits.val
+        n = len(ds)
+        per_rank = math.ceil(n / self.world)
+        idx = (np.arange(per_rank * self.world) % n)[self.rank::self.world]
+        self.engine.eval()
+        preds = []
+        bs = self.cfg.train.eval_batch_size
+        for lo in range(0, per_rank, bs):
+            items = [ds[int(i)] for i in idx[lo:lo + bs]]
+            x = torch.stack([it[0] for it in items]).to(self.device, self.dtype)
+            preds.append(self.engine(x).argmax(-1))
+        self.engine.train()
+        pred = torch.cat(preds)
+        index = torch.as_tensor(idx, device=self.device)
+        if self.world > 1:
+            all_p = [torch.empty_like(pred) for _ in range(self.world)]
+            all_i = [torch.empty_like(index) for _ in range(self.world)]
+            dist.all_gather(all_p, pred)
+            dist.all_gather(all_i, index)
+            pred, index = torch.cat(all_p), torch.cat(all_i)
+        out = np.empty(n, dtype=np.int64)
+        out[index.cpu().numpy()] = pred.cpu().numpy()  # padded duplicates write the same value twice
+        m = classification_metrics(out, ds.labels, self.class_counts, self.cfg.data.many_threshold,
+                                   self.cfg.data.few_threshold)
+        scalars = {f"eval/{k}" if not k.startswith("class_acc/") else
+                   f"eval/class_acc/{self.splits.class_names[int(k.split('/')[1])]}": v for k, v in m.items()}
+        self.monitor.scalars(step, scalars)
+        row = {"step": step, **{k: v for k, v in getattr(self, "last_train", {}).items()},
+               **{f"eval_{k}": v for k, v in m.items() if not k.startswith("class_acc/")}}
+        self.monitor.summary_row(row)
+        self.monitor.print(f"step {step}: top1 {fmt(m['top1'])}  balanced {fmt(m['balanced_acc'])}  "
+                           f"many/medium/few {fmt(m['acc_many'])}/{fmt(m['acc_medium'])}/{fmt(m['acc_few'])}")
+        return m
+
+
+def run(cfg: Config, resume: str | None = None) -> dict[str, float]:
+    """Build and fit; returns the final test metrics (on every rank)."""
+    show = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    trainer = Trainer(cfg, resume=resume, show_progress=show)
+    return trainer.fit()

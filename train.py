@@ -1,0 +1,42 @@
+"""Train an image classifier with online generative augmentation.
+
+    deepspeed [--num_gpus N] train.py --config configs/demo.yaml [section.key=value ...] [--resume latest|PATH]
+    python train.py --config configs/demo.yaml            # one process; distributed defaults are filled in
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from online_aug.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see configs/ and README.md for every key)")
+    p.add_argument("--resume", help="'latest' (newest run with this run.name) or a run/checkpoint folder")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 aug.alpha=0.5")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config_path = args.config
+    if config_path is None and args.resume and Path(args.resume, "config.yaml").is_file():
+        config_path = str(Path(args.resume, "config.yaml"))  # resuming a run dir reuses its resolved config
+    try:
+        cfg = load_config(config_path, args.overrides)
+        from online_aug.trainer import run  # heavy imports (deepspeed, diffusers) after the config is known good
+
+        run(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
