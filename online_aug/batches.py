@@ -48,6 +48,7 @@ class Batch:
     stats: dict[str, float]  # aug/* scalars of this batch
     examples: dict | None = None  # source/edited examples for the image grid, when due
     ready: object | None = None  # a CUDA event the consumer waits on before touching the tensors
+    slot: int = -1  # CUDA ring slot holding the tensors (see prefetch.py)
 
 
 def real_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,

@@ -129,7 +129,7 @@ class Trainer:
             return RealSource(loader, self.device, self.num_classes, start_micro)
         from .augment import build_augmented_source
 
-        return build_augmented_source(cfg, loader, self.splits, self.device, self.rank, start_micro)
+        return build_augmented_source(cfg, loader, self.splits, self.device, self.rank, start_micro, self.accum)
 
     # ------------------------------------------------------------------ loop
 
@@ -205,7 +205,7 @@ class Trainer:
             return {}
         out = {}
         for k, v in acc.items():
-            out[k] = v if k in ("aug/nonfinite_dropped", "aug/filtered") else v / max(1, n)
+            out[k] = float(v) if k in ("aug/nonfinite_dropped", "aug/filtered") else float(v) / max(1, n)
         return out
 
     def _log_examples(self, step: int, ex: dict[str, Any]) -> None:

@@ -1,0 +1,152 @@
+"""The prefetch queue: a background producer that augments micro-batches ahead of the trainer.
+
+On CUDA the producer runs on its own ``torch.cuda.Stream``. Each batch is written into a preallocated ring of
+output buffers and handed over with an ``Event``; the trainer's stream waits on that event only (never a
+device-wide synchronize), and records a "released" event that the producer's stream waits on before it reuses the
+slot. That replaces ``record_stream``: tensors made on the side stream never reach the trainer's stream.
+On CPU the same code runs with a thread and no streams.
+
+Starvation policy when the queue is empty: ``wait`` blocks (α stays exact); ``real`` trains on the next real
+batch instead (the effective α, logged as ``aug/effective_alpha``, drops below α).
+A producer exception reaches the trainer's thread, with its traceback chained; ``close`` joins the thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+
+import torch
+
+from .augment import Augmenter
+from .batches import Batch
+
+_POLL_S = 0.05  # how often blocked threads re-check for shutdown or a dead producer
+
+
+class ProducerError(RuntimeError):
+    """The augmentation producer failed; the original exception is the ``__cause__``."""
+
+
+class _CudaRing:
+    """Preallocated output slots for CUDA hand-off, each with a 'released by the trainer' event."""
+
+    def __init__(self, n: int):
+        self.n, self.slots, self.released, self.next = n, [None] * n, [None] * n, 0
+
+    def put(self, batch: Batch, stream: torch.cuda.Stream) -> Batch:
+        i = self.next
+        self.next = (i + 1) % self.n
+        if self.released[i] is not None:
+            stream.wait_event(self.released[i])  # the trainer's last use of this slot is done (device-side wait)
+        if self.slots[i] is None:
+            self.slots[i] = (torch.empty_like(batch.images), torch.empty_like(batch.targets))
+        images, targets = self.slots[i]
+        images.copy_(batch.images, non_blocking=True)
+        targets.copy_(batch.targets, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+        batch.images, batch.targets, batch.ready = images, targets, ready
+        batch.slot = i
+        return batch
+
+    def release(self, batch: Batch) -> None:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(batch.images.device))
+        self.released[batch.slot] = ev
+
+
+class Prefetcher:
+    """Iterator of augmented :class:`Batch` es, produced ``depth`` ahead by a background thread."""
+
+    def __init__(self, loader, augmenter: Augmenter, device: torch.device, depth: int = 2,
+                 starvation: str = "wait", start: int = 0):
+        if starvation not in ("wait", "real"):
+            raise ValueError(f"aug.starvation={starvation!r}: use wait or real")
+        self.augmenter, self.device, self.starvation = augmenter, device, starvation
+        self.num_classes = augmenter.num_classes
+        self._it, self._lock, self._step = iter(loader), threading.Lock(), start
+        self._queue: queue.Queue[Batch] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        cuda = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if cuda else None
+        self._ring = _CudaRing(depth + 2) if cuda else None  # queue + one in use + one being written
+        self._thread = threading.Thread(target=self._produce, name="online-aug-producer", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- producer side
+
+    def _next_real(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The loader is shared with the trainer's 'real' fallback, so each real batch is used exactly once."""
+        with self._lock:
+            x, y = next(self._it)
+            k, self._step = self._step, self._step + 1
+        return k, x, y
+
+    def _produce(self) -> None:
+        try:
+            ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+            with ctx, torch.no_grad():  # not inference_mode: the trainer backpropagates through these inputs
+                while not self._stop.is_set():
+                    k, x, y = self._next_real()
+                    t0 = time.perf_counter()
+                    batch = self.augmenter(x.to(self.device, non_blocking=True), y, k)
+                    if self._ring is not None:
+                        batch = self._ring.put(batch, self._stream)
+                        batch.ready.synchronize()  # this thread waits for its own stream only: true gen time
+                    batch.stats["aug/gen_ms"] = 1000 * (time.perf_counter() - t0)
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(batch, timeout=_POLL_S)
+                            break
+                        except queue.Full:
+                            continue
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the trainer
+            self._error = e
+
+    # ----------------------------------------------------------------- consumer side
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Batch:
+        t0 = time.perf_counter()
+        depth = self._queue.qsize()
+        if self.starvation == "real" and depth == 0 and self._error is None:
+            batch = self._real_batch()
+        else:
+            batch = self._get()
+        batch.stats["aug/stall_ms"] = 1000 * (time.perf_counter() - t0)
+        batch.stats["aug/queue_depth"] = float(depth)
+        return batch
+
+    def _get(self) -> Batch:
+        while True:
+            if self._error is not None:
+                raise ProducerError(f"online augmentation producer failed: {self._error!r}") from self._error
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._error is None:
+                    raise ProducerError("online augmentation producer stopped unexpectedly") from None
+
+    def _real_batch(self) -> Batch:
+        k, x, y = self._next_real()
+        return Batch(images=x.to(self.device, non_blocking=True),
+                     targets=torch.nn.functional.one_hot(y, self.num_classes).float().to(self.device),
+                     labels=y, step=k, stats={"aug/effective_alpha": 0.0, "aug/nonfinite_dropped": 0.0,
+                                              "aug/filtered": 0.0, "aug/gen_ms": 0.0})
+
+    def release(self, batch: Batch) -> None:
+        if self._ring is not None and batch.ready is not None:
+            self._ring.release(batch)
+
+    def close(self) -> None:
+        """Stop and join the producer (end of training, an error, or Ctrl-C)."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            raise ProducerError("online augmentation producer did not stop within 60 s")

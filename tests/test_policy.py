@@ -1,0 +1,117 @@
+"""The augmentation policy: α fraction, target distributions, soft labels (Diff-Mix eq. 3), water-filling."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from online_aug.config import AugConfig, ConfigError
+from online_aug.policy import AugPolicy, step_rng, target_distribution, uniformize_targets
+
+
+def _policy(num_classes=10, counts=None, **kw):
+    return AugPolicy(AugConfig(**kw), num_classes, counts)
+
+
+def test_exact_alpha_fraction_and_positions():
+    p = _policy(alpha=0.25)
+    labels = torch.arange(64) % 10
+    plan = p.plan(labels, step_rng(0, 0, 0))
+    assert plan.num_edits == 16
+    assert len(set(plan.index.tolist())) == 16 and plan.index.max() < 64
+    assert torch.equal(plan.source, labels[plan.index])
+    unedited = torch.ones(64, dtype=torch.bool)
+    unedited[plan.index] = False
+    assert torch.equal(plan.soft_label[unedited], torch.nn.functional.one_hot(labels[unedited], 10).float())
+
+
+def test_bernoulli_alpha_is_right_on_average():
+    p = _policy(alpha=0.3, exact_alpha=False)
+    labels = torch.zeros(100, dtype=torch.long)
+    n = [p.plan(labels, step_rng(1, 0, k)).num_edits for k in range(200)]
+    assert abs(np.mean(n) / 100 - 0.3) < 0.01
+    assert len(set(n)) > 5  # really random per batch
+
+
+def test_soft_label_diff_mix_eq3():
+    p = _policy(num_classes=3, alpha=1.0, strengths=[0.7], gamma=0.5, target_mode="inter")
+    labels = torch.zeros(200, dtype=torch.long)
+    plan = p.plan(labels, step_rng(0, 0, 0))
+    inter = plan.target != plan.source
+    assert inter.any()
+    rows = plan.soft_label[plan.index[inter]]
+    assert torch.allclose(rows[:, 0], torch.full_like(rows[:, 0], 0.163), atol=5e-4)  # 1 - 0.7^0.5
+    tgt = rows.gather(1, plan.target[inter][:, None]).squeeze(1)
+    assert torch.allclose(tgt, torch.full_like(tgt, 0.837), atol=5e-4)
+    assert torch.allclose(plan.soft_label.sum(1), torch.ones(200))
+    same = plan.soft_label[plan.index[~inter]]  # a drawn target equal to the source stays a hard label
+    assert torch.equal(same, torch.nn.functional.one_hot(plan.source[~inter], 3).float())
+
+
+def test_intra_keeps_hard_labels_and_strength_set():
+    p = _policy(alpha=0.5, target_mode="intra", strengths=[0.25, 0.5, 0.75, 1.0])
+    labels = torch.arange(40) % 10
+    plan = p.plan(labels, step_rng(0, 0, 3))
+    assert torch.equal(plan.target, plan.source)
+    assert torch.equal(plan.soft_label, torch.nn.functional.one_hot(labels, 10).float())
+    assert set(plan.strength.tolist()) <= {0.25, 0.5, 0.75, 1.0}
+
+
+def test_strength_range():
+    p = _policy(alpha=1.0, strength_range=[0.3, 0.6])
+    s = p.plan(torch.zeros(500, dtype=torch.long), step_rng(0, 0, 0)).strength
+    assert s.min() >= 0.3 and s.max() <= 0.6 and s.std() > 0.05
+
+
+@pytest.mark.parametrize("dist", ["uniform", "inverse"])
+def test_targets_follow_requested_distribution(dist):
+    counts = [100, 60, 30, 10, 5]
+    p = _policy(num_classes=5, counts=counts, alpha=1.0, target_mode="inter", target_dist=dist, beta=1.0)
+    labels = torch.zeros(4000, dtype=torch.long)
+    tgt = p.plan(labels, step_rng(0, 0, 0)).target
+    observed = np.bincount(tgt.numpy(), minlength=5)
+    expected_p = np.full(5, 0.2) if dist == "uniform" else (1 / np.array(counts)) / (1 / np.array(counts)).sum()
+    assert stats.chisquare(observed, expected_p * len(tgt)).pvalue > 0.01
+    if dist == "inverse":  # and it is clearly not uniform
+        assert stats.chisquare(observed, np.full(5, len(tgt) / 5)).pvalue < 1e-6
+
+
+def test_uniformize_flattens_when_alpha_allows():
+    counts = np.array([400, 200, 100, 50, 25])
+    pi = counts / counts.sum()
+    alpha = 0.9
+    q = uniformize_targets(counts, alpha)
+    mix = (1 - alpha) * pi + alpha * q
+    assert np.allclose(q.sum(), 1) and (q >= 0).all()
+    assert np.allclose(mix, 0.2)
+
+
+def test_uniformize_water_fills_when_alpha_is_small():
+    counts = np.array([400, 200, 100, 50, 25])
+    pi = counts / counts.sum()
+    alpha = 0.2
+    q = uniformize_targets(counts, alpha)
+    mix = (1 - alpha) * pi + alpha * q
+    assert np.allclose(q.sum(), 1) and (q >= 0).all()
+    assert q[0] == 0  # the head is already above the water level: no synthetic targets
+    level = mix.min()
+    filled = q > 0
+    assert np.allclose(mix[filled], level)  # every class that gets targets is lifted to one level
+    assert (mix[~filled] >= level - 1e-12).all()
+    # no other distribution over targets makes the minimum class mass higher
+    assert level >= ((1 - alpha) * pi + alpha * np.eye(5)[4]).min() - 1e-12
+
+
+def test_uniformize_needs_counts_and_bad_mode():
+    with pytest.raises(ConfigError, match="uniformize"):
+        target_distribution(AugConfig(target_mode="uniformize", alpha=0.5), None, 5)
+    with pytest.raises(ConfigError, match="target_mode"):
+        AugPolicy(AugConfig(target_mode="bogus"), 5)  # type: ignore[arg-type]
+
+
+def test_step_rng_is_a_function_of_seed_rank_step():
+    a = torch.rand(4, generator=step_rng(3, 1, 7))
+    assert torch.equal(a, torch.rand(4, generator=step_rng(3, 1, 7)))
+    assert not torch.equal(a, torch.rand(4, generator=step_rng(3, 0, 7)))
+    assert not torch.equal(a, torch.rand(4, generator=step_rng(3, 1, 8)))
+    assert not torch.equal(a, torch.rand(4, generator=step_rng(4, 1, 7)))
