@@ -103,7 +103,7 @@ class AugConfig:
     target_dist: Literal["uniform", "inverse"] = doc("uniform", "inter mode: uniform, or p(c) ∝ 1/n_c^beta.")
     beta: float = doc(1.0, "Exponent of the inverse-frequency target distribution.")
     gamma: float = doc(0.5, "Soft label weight on the target is s^gamma (Diff-Mix eq. 3).")
-    model: str = doc("artifacts/tiny-sd", "Stable Diffusion: Hugging Face id or local diffusers folder.")
+    model: str = doc("models/tiny-sd-digits", "Stable Diffusion: Hugging Face id or local diffusers folder.")
     prompt: str = doc("a photo of the digit {name}", "Prompt template; {name} is the class name.")
     class_names: list[str] = doc([], "Class names used in prompts (default: the dataset's).")
     negative_prompt: str = doc("", "Unconditional / negative prompt for classifier-free guidance.")

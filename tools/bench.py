@@ -1,0 +1,193 @@
+"""Benchmarks, measured side by side in one run on one machine; prints ratios, never asserts timings.
+
+(a)  UNet evaluations per edited image and edited images/s: our few-step loop (K steps, per-sample strength and
+     target in one batch) against diffusers' StableDiffusionImg2ImgPipeline at the papers' setting (N=25 steps,
+     s in {0.5, 0.7, 0.9}), called once per strength group with per-sample prompt embeddings: the best a peer can do
+     with the stock pipeline. Same model, same batch, same guidance.
+(a') The same comparison with our loop in grid mode at equal steps (what the loop itself costs).
+(b)  Training images/s: plain training, online augmentation through the prefetch queue, and online augmentation
+     done synchronously inside the step; their ratios, and the trainer's stall fraction.
+
+    python tools/bench.py [--model models/tiny-sd-digits] [--batch 32] [--steps 30] [--out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from online_aug.config import load_config  # noqa: E402
+from online_aug.data import build_splits  # noqa: E402
+from online_aug.generator import SDEditGenerator, load_sd, resolve_dtype  # noqa: E402
+
+
+class UNetCounter:
+    """Counts UNet evaluations per image: each forward adds its batch size (CFG doubles it, as it costs)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.n = 0
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.n += int(args[0].shape[0] if args else kwargs["sample"].shape[0])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # benchmark boundary only
+
+
+def bench_generation(model: str, batch: int, device: torch.device, repeats: int, cfg) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    dtype = resolve_dtype("auto", device)
+    comps = load_sd(model, device, dtype)
+    splits = build_splits(cfg.data)
+    names = cfg.aug.class_names or splits.class_names
+    prompts = [cfg.aug.prompt.format(name=n) for n in names]
+    images = torch.stack([splits.train[i][0] for i in range(batch)]).to(device)
+    g = torch.Generator().manual_seed(0)
+    strengths = torch.tensor([0.5, 0.7, 0.9])[torch.randint(3, (batch,), generator=g)]
+    targets = torch.randint(len(names), (batch,), generator=g)
+    gs = cfg.aug.guidance_scale
+    res = {}
+
+    def run_ours(schedule: str, steps: int) -> tuple[float, float]:
+        gen = SDEditGenerator(comps, prompts, guidance_scale=gs, schedule=schedule, steps=steps, grid_steps=steps,
+                              scheduler="ddim", device=device, dtype=dtype)
+        gen.edit(images, strengths, targets, torch.Generator(device).manual_seed(1))  # warm-up
+        counter = UNetCounter(comps.unet)
+        _sync(device)
+        t0 = time.perf_counter()
+        for r in range(repeats):
+            gen.edit(images, strengths, targets, torch.Generator(device).manual_seed(r))
+        _sync(device)
+        dt = time.perf_counter() - t0
+        counter.handle.remove()
+        return counter.n / (repeats * batch), repeats * batch / dt
+
+    pipe = StableDiffusionImg2ImgPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                          unet=comps.unet, scheduler=DDIMScheduler.from_config(comps.scheduler.config),
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    gen_for_embeds = SDEditGenerator(comps, prompts, guidance_scale=gs, device=device, dtype=dtype)
+    res_px = gen_for_embeds.resolution
+
+    def run_diffusers() -> tuple[float, float]:
+        x = torch.nn.functional.interpolate(images, size=(res_px, res_px), mode="bilinear", antialias=True)
+        def once(seed: int) -> None:
+            for s in (0.5, 0.7, 0.9):  # one pipeline call per strength group: its best case
+                sel = strengths == s
+                if not sel.any():
+                    continue
+                emb = gen_for_embeds.prompt_embeds[targets[sel].to(device)]
+                neg = gen_for_embeds.uncond_embeds.expand(len(emb), -1, -1)
+                pipe(image=x[sel.to(device)], prompt_embeds=emb, negative_prompt_embeds=neg, strength=s,
+                     num_inference_steps=25, guidance_scale=gs, output_type="pt",
+                     generator=torch.Generator(device).manual_seed(seed))
+        once(0)
+        counter = UNetCounter(comps.unet)
+        _sync(device)
+        t0 = time.perf_counter()
+        for r in range(repeats):
+            once(r)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        counter.handle.remove()
+        return counter.n / (repeats * batch), repeats * batch / dt
+
+    d_evals, d_ips = run_diffusers()
+    f_evals, f_ips = run_ours("fewstep", cfg.aug.steps)
+    g_evals, g_ips = run_ours("grid", 25)
+    res["diffusers_img2img_25"] = {"unet_evals_per_image": d_evals, "images_per_s": d_ips}
+    res[f"ours_fewstep_K{cfg.aug.steps}"] = {"unet_evals_per_image": f_evals, "images_per_s": f_ips}
+    res["ours_grid_25"] = {"unet_evals_per_image": g_evals, "images_per_s": g_ips}
+    res["ratio_fewstep_vs_diffusers"] = {"unet_evals": d_evals / f_evals, "images_per_s": f_ips / d_ips}
+    res["ratio_grid_vs_diffusers"] = {"unet_evals": d_evals / g_evals, "images_per_s": g_ips / d_ips}
+    return res
+
+
+def bench_training(config: str, overrides: list[str], steps: int, device: torch.device) -> dict:
+    from online_aug.trainer import Trainer
+
+    variants = {
+        "plain": ["aug.alpha=0"],
+        "online_prefetch": ["aug.prefetch=true"],
+        "online_sync": ["aug.prefetch=false"],
+    }
+    out = {}
+    for name, extra in variants.items():
+        cfg = load_config(config, [*overrides, *extra, "run.out_dir=/tmp/online_aug_bench", f"run.name=bench-{name}",
+                                   f"train.steps={steps + 5}", "aug.image_every=0"])
+        tr = Trainer(cfg, show_progress=False)
+        try:
+            for _ in range(5):  # warm-up (and lets the queue fill, as it would in a long run)
+                tr._micro_step(next(tr.source), None)
+            _sync(device)
+            stall = 0.0
+            t0 = time.perf_counter()
+            n = 0
+            for _ in range(steps * tr.accum):
+                b = next(tr.source)
+                stall += b.stats.get("aug/stall_ms", 0.0)
+                tr._micro_step(b, None)
+                n += len(b.labels)
+            _sync(device)
+            dt = time.perf_counter() - t0
+        finally:
+            tr.source.close()
+            tr.monitor.close()
+        out[name] = {"images_per_s": n / dt, "stall_fraction": stall / 1000 / dt}
+    out["ratio_prefetch_vs_sync"] = out["online_prefetch"]["images_per_s"] / out["online_sync"]["images_per_s"]
+    out["ratio_prefetch_vs_plain"] = out["online_prefetch"]["images_per_s"] / out["plain"]["images_per_s"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs/demo.yaml"))
+    p.add_argument("--batch", type=int, default=32, help="edited images per generation batch")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per variant")
+    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--out", default="", help="also write the results as JSON here")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = load_config(a.config, a.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  "
+          f"torch threads: {torch.get_num_threads()}  model: {cfg.aug.model}")
+    results = {"device": str(device), "generation": bench_generation(cfg.aug.model, a.batch, device, a.repeats, cfg)}
+    gen = results["generation"]
+    print(f"\n(a) generation, batch {a.batch}, s ~ U{{0.5, 0.7, 0.9}}, guidance {cfg.aug.guidance_scale}")
+    print(f"{'':28}{'UNet evals/image':>18}{'images/s':>12}")
+    for k in ("diffusers_img2img_25", f"ours_fewstep_K{cfg.aug.steps}", "ours_grid_25"):
+        print(f"{k:28}{gen[k]['unet_evals_per_image']:>18.2f}{gen[k]['images_per_s']:>12.1f}")
+    r = gen["ratio_fewstep_vs_diffusers"]
+    print(f"few-step vs diffusers: {r['unet_evals']:.2f}x fewer UNet evals, {r['images_per_s']:.2f}x images/s")
+    r = gen["ratio_grid_vs_diffusers"]
+    print(f"(a') grid (equal steps) vs diffusers: {r['unet_evals']:.2f}x UNet evals, {r['images_per_s']:.2f}x images/s")
+    if not a.skip_training:
+        tr = bench_training(a.config, a.overrides, a.steps, device)
+        results["training"] = tr
+        print("\n(b) training throughput")
+        for k in ("plain", "online_prefetch", "online_sync"):
+            print(f"{k:20}{tr[k]['images_per_s']:>10.1f} images/s   stall {100 * tr[k]['stall_fraction']:5.1f}%")
+        print(f"prefetch vs sync: {tr['ratio_prefetch_vs_sync']:.2f}x   prefetch vs plain: "
+              f"{tr['ratio_prefetch_vs_plain']:.2f}x")
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
