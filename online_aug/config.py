@@ -31,7 +31,7 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 class RunConfig:
     name: str = doc("run", "Run name; the run directory is <out_dir>/<date-time>-<name>.")
     out_dir: str = doc("runs", "Parent folder of run directories.")
-    seed: int = doc(0, "Seed for data split, model init and the per-step augmentation RNG.")
+    seed: int = doc(0, "Seed for model init, data order and the per-step augmentation RNG.")
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "Where the classifier and generator run.")
 
 
