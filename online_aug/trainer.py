@@ -134,7 +134,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, float]:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         engine = self.engine
         engine.train()
         self.monitor.print(f"run directory: {self.run_dir}")
