@@ -20,6 +20,15 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the fix."""
 
 
+# aug.method names (one preset in configs/ each, see README "Presets"); "custom" is any other combination.
+METHODS: tuple[str, ...] = (
+    "custom", "baseline", "baseline-randaugment", "baseline-mixup-cutmix", "baseline-drw", "baseline-label-smoothing",
+    "real-guidance", "real-gen", "real-mix", "da-fusion", "diff-gen", "diff-aug", "diff-mix", "diff-mix-uniformize",
+    "diff-mix-cutmix", "latent-perturbation", "composition", "real-guidance-leakage-free",
+    "da-fusion-leakage-free", "diff-mix-leakage-free",
+)
+
+
 def doc(default: Any, text: str, **kw: Any) -> Any:
     """A dataclass field with a default and a one-line description."""
     if isinstance(default, (list, dict)):
@@ -84,6 +93,9 @@ class TrainConfig:
     ckpt_every: int = doc(0, "Save a checkpoint every N steps (0: only at the end).")
     keep_last: int = doc(2, "Checkpoints to keep.")
     eval_batch_size: int = doc(256, "Per-rank eval batch size.")
+    eval_split: Literal["test", "val"] = doc(
+        "test", "Split evaluated during and after training; 'val' (needs data.val_fraction > 0) for tuning."
+    )
     randaugment: str = doc("", "timm RandAugment spec for real images, e.g. 'rand-m9-mstd0.5' (empty: off).")
     mixup_alpha: float = doc(0.0, "timm Mixup alpha (0 disables).")
     cutmix_alpha: float = doc(0.0, "timm CutMix alpha (0 disables).")
@@ -94,7 +106,7 @@ class TrainConfig:
 class AugConfig:
     alpha: float = doc(0.0, "Fraction of each batch edited by the diffusion model (0 disables augmentation).")
     exact_alpha: bool = doc(True, "True: exactly round(alpha*B) edits per batch; False: Bernoulli(alpha) each.")
-    method: str = doc("custom", "Name of the method this config implements (informational, shown in logs).")
+    method: str = doc("custom", "Name of the method this config implements (one of config.METHODS; informational).")
     strengths: list[float] = doc([0.5, 0.7, 0.9], "Set of SDEdit strengths s in (0, 1], drawn uniformly per image.")
     strength_range: list[float] = doc([], "If [lo, hi] is given, s ~ U(lo, hi) instead of the set.")
     target_mode: Literal["intra", "inter", "uniformize"] = doc(
@@ -280,12 +292,19 @@ def validate(cfg: Config, *, cuda_available: bool | None = None, world_size: int
         raise ConfigError(f"train.drw_start must be in [0, 1), got {t.drw_start}")
     if t.mixup_alpha < 0 or t.cutmix_alpha < 0:
         raise ConfigError("train.mixup_alpha and train.cutmix_alpha must be >= 0")
+    if not 0 <= t.mix_prob <= 1:
+        raise ConfigError(f"train.mix_prob must be in [0, 1], got {t.mix_prob}")
     if (t.mixup_alpha > 0 or t.cutmix_alpha > 0) and t.label_smoothing > 0:
         raise ConfigError("train.label_smoothing conflicts with Mixup/CutMix soft targets here: timm's Mixup "
                           "applies its own smoothing; set train.label_smoothing=0")
     if (t.mixup_alpha > 0 or t.cutmix_alpha > 0) and ((t.micro_batch_size or per_rank) % 2):
         raise ConfigError("Mixup/CutMix need an even micro-batch (train.micro_batch_size or batch_size/world)")
+    if t.eval_split == "val" and d.val_fraction <= 0:
+        raise ConfigError("train.eval_split=val needs a validation split: set data.val_fraction (e.g. 0.2)")
     # augmentation
+    if a.method not in METHODS:
+        raise ConfigError(f"aug.method={a.method!r} is unknown; use one of {', '.join(METHODS)} "
+                          f"('custom' for any other combination)")
     if not 0 <= a.alpha <= 1:
         raise ConfigError(f"aug.alpha must be in [0, 1], got {a.alpha}")
     for s in a.strengths:

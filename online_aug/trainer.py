@@ -169,7 +169,7 @@ class Trainer:
                     loss_n, seen, t_last, aug_acc = 0, 0, time.perf_counter(), {}
                     self.monitor.progress(0, loss=f"{values['train/loss']:.3f}")
                 if done % t.eval_every == 0 or done == t.steps:
-                    metrics = self.evaluate(done)
+                    metrics = self.evaluate(done, t.eval_split)
                 if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
                     checkpoint.save(engine, self.run_dir, done, {"micro_step": done * self.accum}, t.keep_last,
                                     self.rank)
@@ -178,7 +178,7 @@ class Trainer:
             self.source.close()
         self.monitor.close()
         if self.rank == 0 and metrics:
-            print("\nfinal evaluation (test split, %):")
+            print(f"\nfinal evaluation ({t.eval_split} split, %):")
             print(eval_table(metrics, self.splits.class_names, self.class_counts))
             print(f"\nrun directory: {self.run_dir}")
             print(f"tensorboard --logdir {self.run_dir / 'tb'}")
