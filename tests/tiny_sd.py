@@ -55,13 +55,10 @@ def _write_tokenizer_files(folder: Path) -> None:
 
 
 def build_tiny_tokenizer() -> CLIPTokenizer:
+    """Write the tiny vocab.json / merges.txt to a temporary folder and read them back as a CLIPTokenizer."""
     with tempfile.TemporaryDirectory() as tmp:
         _write_tokenizer_files(Path(tmp))
-        tok = CLIPTokenizer(vocab=json.loads((Path(tmp) / "vocab.json").read_text()),
-                            merges=[tuple(line.split()) for line in (Path(tmp) / "merges.txt").read_text().split("\n")[1:]
-                                    if line.strip()],
-                            model_max_length=MAX_TOKENS)
-    return tok
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
 
 
 def build_tiny_sd_components(seed: int = 0, sample_size: int = 16) -> dict[str, Any]:
@@ -96,6 +93,12 @@ def build_tiny_sd_components(seed: int = 0, sample_size: int = 16) -> dict[str, 
             norm_num_groups=8,
             sample_size=sample_size,
         )
+        # As SD's 0.18215 does for its VAE, scale latents to unit standard deviation (here measured on random
+        # images): otherwise a random VAE's small latents drown in even the smallest add_noise level.
+        probe = torch.rand(8, 3, sample_size, sample_size) * 2 - 1
+        with torch.no_grad():
+            latent_std = vae.encode(probe).latent_dist.mean.std().item()
+        vae.register_to_config(scaling_factor=round(1.0 / latent_std, 4))
         tokenizer = build_tiny_tokenizer()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(

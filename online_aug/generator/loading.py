@@ -53,8 +53,10 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
-    module.to(device=device, dtype=dtype)
+def _freeze(module: torch.nn.Module, device: torch.device) -> Any:
+    # dtype was set by from_pretrained, which keeps a model's _keep_in_fp32_modules in fp32; a blanket .to(dtype)
+    # here would undo that.
+    module.to(device=device)
     module.requires_grad_(False)
     return module.eval()
 
@@ -89,13 +91,13 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
                 f"aug.model={model!r}: the local folder has no {', '.join(m + '/' for m in missing)} subfolder"
                 f"{'s' if len(missing) > 1 else ''}. A diffusers Stable Diffusion folder holds "
                 f"{', '.join(s + '/' for s in SD_SUBFOLDERS)} (as written by pipeline.save_pretrained); complete it "
-                f"or point aug.model at a complete folder (e.g. build the tiny one with tools/build_tiny_sd.py)."
+                f"or point aug.model at a complete folder."
             )
         source = str(local)
     elif _looks_like_path(model):
         raise ConfigError(
-            f"aug.model={model!r}: no such folder. Point aug.model at a local diffusers folder "
-            f"(e.g. build the tiny one with tools/build_tiny_sd.py) or at a Hugging Face hub id."
+            f"aug.model={model!r}: no such folder ({local.resolve()}). Point aug.model at a local diffusers "
+            f"folder (the layout pipeline.save_pretrained writes) or at a Hugging Face hub id."
         )
     else:
         source = model
@@ -121,7 +123,8 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
             how = "HF_HUB_OFFLINE=1, so only the local Hugging Face cache was searched" if offline else \
                 "the hub could not be reached or has no such model"
             raise ConfigError(
-                f"aug.model={model!r} is not a local folder and could not be loaded as a Hugging Face hub id "
+                f"aug.model={model!r} is not a local folder (no {local.resolve()}) and could not be loaded as a "
+                f"Hugging Face hub id "
                 f"({how}; {type(e).__name__} while loading {part}/). Download it first, e.g. "
                 f"`huggingface-cli download {model}` on a machine with network access, or point aug.model at a "
                 f"local diffusers folder."
@@ -131,9 +134,9 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
 
     tiny = load_taesd(taesd, device, dtype) if taesd else None
     return SDComponents(
-        vae=_freeze(vae, device, dtype),
-        unet=_freeze(unet, device, dtype),
-        text_encoder=_freeze(text_encoder, device, dtype),
+        vae=_freeze(vae, device),
+        unet=_freeze(unet, device),
+        text_encoder=_freeze(text_encoder, device),
         tokenizer=tokenizer,
         scheduler=scheduler,
         taesd=tiny,
@@ -157,4 +160,4 @@ def load_taesd(name: str, device: torch.device, dtype: torch.dtype) -> Autoencod
             f"aug.taesd={name!r} cannot be loaded ({type(e).__name__}: {e}). Download it first (e.g. "
             f"`huggingface-cli download {name}`), point aug.taesd at a local AutoencoderTiny folder, or leave it empty."
         ) from e
-    return _freeze(model, device, dtype)
+    return _freeze(model, device)

@@ -23,13 +23,13 @@ from torch import Tensor
 SchedulerKind = Literal["ddim", "euler", "lcm"]
 SCHEDULER_CLASSES: dict[str, Any] = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "lcm": LCMScheduler}
 
-# int(N * s) on a float32 strength such as 0.7 gives 6.9999998 -> 6; the tolerance makes it count as the 0.7 the
-# caller meant (7), as the Python float diffusers receives would.
-_FLOOR_EPS = 1e-6
-
-
-def _floor(x: Tensor) -> Tensor:
-    return torch.floor(x + _FLOOR_EPS).long()
+# Strengths arrive as float32 tensors: 0.35 is stored as 0.34999999, and floor(1000 * s) would give 349 where the
+# caller meant 350 (as the Python float diffusers receives would give). Strengths are therefore rounded to 6
+# decimals (float32 resolution) before the floor.
+def _floor_times(s: Tensor, n: int) -> Tensor:
+    """``floor(n * s)`` of the 6-decimal strength (a tiny tolerance absorbs the remaining double rounding)."""
+    s6 = torch.round(s.double() * 1e6) / 1e6
+    return torch.floor(s6 * n + 1e-9).long()
 
 
 @dataclass
@@ -75,7 +75,7 @@ def fewstep_schedule(strengths: Tensor, steps: int, num_train_timesteps: int) ->
     """
     s = strengths.detach().to("cpu", torch.float64).reshape(-1)
     T, K = num_train_timesteps, steps
-    t0 = _floor(s * T).clamp(0, T - 1)
+    t0 = _floor_times(s, T).clamp(0, T - 1)
     frac = torch.arange(K, 0, -1, dtype=torch.float64) / K  # (K-k)/K for k = 0..K-1
     t = torch.floor(t0[:, None].double() * frac[None, :] + 0.5).long()
     t_prev = torch.cat([t[:, 1:], torch.full_like(t[:, :1], -1)], dim=1)
@@ -103,7 +103,8 @@ class PerSampleScheduler:
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
         self.num_train_timesteps: int = int(cfg.num_train_timesteps)
-        self.clip_sample_range: float | None = float(cfg.clip_sample_range) if getattr(cfg, "clip_sample", False) else None
+        clip = getattr(cfg, "clip_sample", False)
+        self.clip_sample_range: float | None = float(cfg.clip_sample_range) if clip else None
         ac = self.ref.alphas_cumprod.double()
         if kind == "euler":
             final = torch.ones(1, dtype=torch.float64)  # Euler ends at sigma = 0 (final_sigmas_type "zero")
@@ -135,7 +136,7 @@ class PerSampleScheduler:
         grid = self.grid_timesteps(N)
         if grid.numel() != N:
             raise ValueError(f"{self.kind} scheduler gave {grid.numel()} timesteps for num_inference_steps={N}")
-        n = _floor(N * s).clamp(0, N)  # init_timestep: steps each sample runs
+        n = _floor_times(s, N).clamp(0, N)  # init_timestep: steps each sample runs
         t_start = (N - n).clamp(min=0)
         M = s.numel()
         t = grid[None, :].expand(M, N).clone()

@@ -70,7 +70,9 @@ class SDEditGenerator:
       ``timesteps = scheduler.timesteps[t_start:]``; the image is noised at ``timesteps[0]`` and runs ``int(N * s)``
       steps. Samples join the shared N-step loop at their entry step and are left untouched before it.
 
-    ``int``/``floor`` of ``N*s`` and ``s*T`` use a 1e-6 tolerance so that a float32 0.7 counts as 0.7.
+    ``int(N*s)`` and ``floor(s*T)`` are taken of the strength rounded to 6 decimals, so a float32 0.35 counts as
+    0.35 (350, not 349). Where Python's double rounding makes diffusers land one lower (``int(100 * 0.29)`` is 28)
+    this gives the decimal answer (29).
 
     Guidance: classifier-free guidance with batch ``[uncond; cond]`` when ``guidance_scale > 1`` and the UNet has no
     ``time_cond_proj_dim``; an LCM-distilled UNet (with ``time_cond_proj_dim``) gets the guidance-scale embedding

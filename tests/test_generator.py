@@ -1,0 +1,225 @@
+"""Tests of online_aug.generator on a tiny random SD built in code (CPU, no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+import pytest
+import torch
+from diffusers import (
+    AutoencoderTiny,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionImg2ImgPipeline,
+)
+from tiny_sd import build_tiny_sd_components, save_tiny_sd, tiny_pipeline
+
+from online_aug.config import AugConfig, ConfigError
+from online_aug.generator import SDComponents, SDEditGenerator, load_sd, load_taesd
+
+PROMPTS = ["a photo of a cat", "a photo of a dog", "a photo of a ship"]
+SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "lcm": LCMScheduler}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: on a shared 2-core machine, intra-op threads cost far more in contention than they
+    # gain (one edit of 32 images: ~0.1 s on 1 thread against ~0.5 s on 2 under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _components(scheduler: str = "ddim") -> SDComponents:
+    c = build_tiny_sd_components(seed=0)
+    sched = SCHEDULER_CLASSES[scheduler].from_config(c["scheduler"].config)
+    return SDComponents(c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], sched)
+
+
+def _images(m: int, size: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.rand(m, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _noise(m: int, seed: int = 7) -> torch.Tensor:
+    # One generator per sample: a sample's noise does not depend on the batch it is in.
+    return torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed + i)) for i in range(m)])
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "lcm"])
+def test_grid_mode_matches_diffusers_img2img(scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = tiny_pipeline(seed=0)
+    pipe.scheduler = SCHEDULER_CLASSES[scheduler].from_config(pipe.scheduler.config)
+    # The pipeline samples the VAE posterior (consuming the generator); SDEdit here uses its mean. Make the
+    # pipeline use the mean too, so that both draw exactly one noise tensor first from identically seeded generators.
+    monkeypatch.setattr(img2img_module, "retrieve_latents",
+                        lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode())
+    comps = SDComponents(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    gen = SDEditGenerator(comps, PROMPTS, schedule="grid", grid_steps=10, guidance_scale=3.0, scheduler=scheduler)
+    images, targets, s = _images(3), torch.tensor([1, 0, 2]), 0.6
+    ref = pipe(prompt=[PROMPTS[i] for i in targets], image=images, strength=s, num_inference_steps=10,
+               guidance_scale=3.0, output_type="pt", generator=torch.Generator().manual_seed(5)).images
+    out, finite = gen.edit(images, torch.full((3,), s), targets, generator=torch.Generator().manual_seed(5))
+    assert finite.all()
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert (out - images).abs().mean() > 0.05  # a real edit, not a trivially equal no-op
+
+
+@pytest.mark.parametrize("schedule", ["fewstep", "grid"])
+def test_mixed_strength_batch_equals_each_sample_alone(schedule: str) -> None:
+    gen = SDEditGenerator(_components(), PROMPTS, schedule=schedule, steps=3, grid_steps=10, guidance_scale=2.5)
+    images, noise = _images(4), _noise(4)
+    strengths = torch.tensor([0.3, 0.9, 0.55, 0.7])
+    targets = torch.tensor([2, 0, 1, 1])
+    batch, finite = gen.edit(images, strengths, targets, noise=noise)
+    assert finite.all()
+    for i in range(4):
+        alone, _ = gen.edit(images[i:i + 1], strengths[i:i + 1], targets[i:i + 1], noise=noise[i:i + 1])
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=0)
+    # Different strengths must give different results (guards against a schedule that ignores s).
+    same_s, _ = gen.edit(images[:1], strengths[1:2], targets[:1], noise=noise[:1])
+    assert (same_s - batch[:1]).abs().max() > 1e-3
+
+
+def test_timesteps_for_counts_steps() -> None:
+    comps = _components()
+    strengths = torch.tensor([0.1, 0.35, 0.6, 0.7, 1.0])  # float32: 0.7 * 10 = 6.9999998 must still count as 7
+    grid = SDEditGenerator(comps, PROMPTS, schedule="grid", grid_steps=10).timesteps_for(strengths)
+    assert grid.shape == (5, 11) and grid.dtype == torch.long
+    assert (grid[:, :-1] >= 0).sum(1).tolist() == [1, 3, 6, 7, 10]
+    assert (grid[:, -1] == -1).all()
+    # Same tail as diffusers' get_timesteps for each strength.
+    ref = DDIMScheduler.from_config(comps.scheduler.config)
+    ref.set_timesteps(10)
+    for row, s in zip(grid, [0.1, 0.35, 0.6, 0.7, 1.0]):
+        n = min(int(10 * s), 10)
+        assert row[:-1][row[:-1] >= 0].tolist() == ref.timesteps[10 - n:].tolist()
+
+    few = SDEditGenerator(comps, PROMPTS, schedule="fewstep", steps=4).timesteps_for(strengths)
+    assert few.shape == (5, 5)
+    assert (few[:, :-1] >= 0).sum(1).tolist() == [4] * 5
+    assert few[:, 0].tolist() == [100, 350, 600, 700, 999]  # t0 = min(T-1, floor(s*T))
+    assert few[2].tolist() == [600, 450, 300, 150, -1]
+    assert (few[:, :-1].diff(dim=1) <= 0).all()
+
+
+def test_small_strength_returns_the_source() -> None:
+    comps = _components()
+    gen = SDEditGenerator(comps, PROMPTS, steps=4, guidance_scale=3.0)
+    images, targets = _images(3), torch.tensor([0, 1, 2])
+    with torch.inference_mode():  # the VAE is lossy: compare with its round trip, not with the pixels
+        z = comps.vae.encode(images * 2 - 1).latent_dist.mean
+        roundtrip = (comps.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    errors = []
+    for s in (0.0, 0.01, 0.8):
+        out, _ = gen.edit(images, torch.full((3,), s), targets, noise=_noise(3))
+        errors.append((out - roundtrip).abs().mean().item())
+    # A random UNet does not remove the noise it is given, so "nearly" is bounded by the smallest noise level.
+    assert errors[0] < 0.01 and errors[1] < 0.03, errors
+    assert errors[2] > 4 * errors[1], errors
+
+
+def test_nonfinite_sample_falls_back_to_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    comps = _components()
+    gen = SDEditGenerator(comps, PROMPTS, steps=2, guidance_scale=3.0)
+    forward = comps.unet.forward
+
+    def nan_for_sample_1(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out[0][1] = float("nan")  # row 1 of the [uncond; cond] batch is sample 1's unconditional branch
+        return out
+
+    monkeypatch.setattr(comps.unet, "forward", nan_for_sample_1)
+    images = _images(3)
+    out, finite = gen.edit(images, torch.full((3,), 0.5), torch.tensor([0, 1, 2]), noise=_noise(3))
+    assert finite.tolist() == [True, False, True]
+    assert torch.equal(out[1], images[1])
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out[0], images[0])
+
+
+def test_loading_errors_and_saved_folder(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_tiny_sd(tmp_path / "tiny-sd")
+    # The saved folder is a real diffusers pipeline folder ...
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None)
+    assert pipe.unet.config.sample_size == 8
+    # ... and load_sd reads it, frozen.
+    comps = load_sd(str(folder), torch.device("cpu"), torch.float32)
+    assert isinstance(comps.scheduler, DDIMScheduler)
+    for module in (comps.vae, comps.unet, comps.text_encoder):
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+    mem = SDEditGenerator(_components(), PROMPTS, steps=2)
+    disk = SDEditGenerator(comps, PROMPTS, steps=2)
+    images, s, y = _images(2), torch.tensor([0.5, 0.8]), torch.tensor([0, 2])
+    torch.testing.assert_close(mem.edit(images, s, y, noise=_noise(2))[0], disk.edit(images, s, y, noise=_noise(2))[0])
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(ConfigError, match=r"aug\.model.*unet/"):
+        load_sd(str(broken), torch.device("cpu"), torch.float32)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"aug\.model='nobody-xyz/no-such-sd'.*HF_HUB_OFFLINE.*local diffusers"):
+        load_sd("nobody-xyz/no-such-sd", torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError, match=r"no such folder"):
+        load_sd(str(tmp_path / "a" / "missing"), torch.device("cpu"), torch.float32)
+
+    aug = AugConfig(model=str(folder), prompt="a photo of a {name}", steps=2, schedule="fewstep", scheduler="euler")
+    gen = SDEditGenerator.from_config(aug, ["cat", "dog"], torch.device("cpu"))
+    assert gen.class_prompts == ["a photo of a cat", "a photo of a dog"]
+    assert gen.dtype == torch.float32 and gen.prompt_embeds.shape[0] == 2 and gen.uncond_embeds.shape[0] == 1
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "lcm"])
+def test_other_schedulers_run_without_the_text_encoder(scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    comps = _components(scheduler)
+    gen = SDEditGenerator(comps, PROMPTS, scheduler=scheduler, steps=3, guidance_scale=2.0, latent_noise=0.1)
+
+    def no_text_encoder(*args, **kwargs):
+        raise AssertionError("the text encoder ran inside edit()")
+
+    monkeypatch.setattr(comps.text_encoder, "forward", no_text_encoder)
+    images = _images(5, size=12)  # classifier resolution 12, generation resolution 16
+    out, finite = gen.edit(images, torch.tensor([0.2, 0.5, 0.9, 1.0, 0.7]), torch.tensor([0, 1, 2, 0, 1]),
+                           generator=torch.Generator().manual_seed(0))
+    assert out.shape == (5, 3, 12, 12) and out.dtype == torch.float32
+    assert finite.all() and torch.isfinite(out).all()
+    assert out.min() >= 0 and out.max() <= 1
+    with pytest.raises(AssertionError, match="text encoder"):
+        gen.set_class_prompts(["x", "y"])  # the cache is rebuilt with the text encoder, outside edit()
+
+
+def test_set_class_prompts_rebuilds_cache() -> None:
+    gen = SDEditGenerator(_components(), PROMPTS, steps=2)
+    before = gen.prompt_embeds.clone()
+    gen.set_class_prompts(["a photo of a truck", "a photo of a frog"])
+    assert gen.prompt_embeds.shape[0] == 2
+    assert not torch.equal(gen.prompt_embeds, before[:2])
+
+
+def test_taesd_replaces_the_vae(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                        num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4,
+                        ).save_pretrained(tmp_path / "taesd")
+    taesd = load_taesd(str(tmp_path / "taesd"), torch.device("cpu"), torch.float32)
+    assert not taesd.training and not any(p.requires_grad for p in taesd.parameters())
+    comps = dataclasses.replace(_components(), taesd=taesd)
+
+    def no_vae(*args, **kwargs):
+        raise AssertionError("the SD VAE ran although TAESD is set")
+
+    monkeypatch.setattr(comps.vae, "encode", no_vae)
+    monkeypatch.setattr(comps.vae, "decode", no_vae)
+    gen = SDEditGenerator(comps, PROMPTS, steps=2)
+    out, finite = gen.edit(_images(3), torch.tensor([0.3, 0.6, 0.9]), torch.tensor([0, 1, 2]))
+    assert out.shape == (3, 3, 16, 16) and finite.all()
+    with pytest.raises(ConfigError, match=r"aug\.taesd"):
+        load_taesd(str(tmp_path / "x" / "missing"), torch.device("cpu"), torch.float32)
