@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from online_aug.config import ConfigError
+from online_aug.generator.finetuned import apply_finetuned, check_prompt_template, class_prompts
 from online_aug.generator.loading import SDComponents, load_sd
 from online_aug.generator.schedulers import (
     PerSampleScheduler,
@@ -144,20 +145,24 @@ class SDEditGenerator:
 
     @classmethod
     def from_config(cls, aug: AugConfig, class_names: list[str], device: torch.device) -> SDEditGenerator:
-        """Load ``aug.model`` and build the generator; prompts are ``aug.prompt.format(name=n)`` per class."""
+        """Load ``aug.model`` (+ ``aug.textual_inversion`` / ``aug.lora``) and build the generator.
+
+        Prompts are ``aug.prompt`` per class (see :func:`~online_aug.generator.finetuned.render_prompt`: ``{name}``
+        is the class name, or its learned token when ``aug.textual_inversion`` is set).
+        """
         names = list(aug.class_names) or list(class_names)
         if aug.class_names and len(aug.class_names) != len(class_names):
             raise ConfigError(f"aug.class_names has {len(aug.class_names)} names but the dataset has "
                               f"{len(class_names)} classes; give one name per class or leave it empty")
-        try:
-            prompts = [aug.prompt.format(name=n) for n in names]
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"aug.prompt={aug.prompt!r}: only the {{name}} placeholder is allowed ({e})") from e
+        check_prompt_template(aug.prompt, "aug.prompt", with_tokens=bool(aug.textual_inversion))  # before loading
         device = torch.device(device)
         dtype = resolve_dtype(aug.dtype, device)
         if device.type == "cpu" and dtype == torch.float16:
             raise ConfigError("aug.dtype=fp16 needs CUDA; use aug.dtype=fp32 or bf16 on CPU")
         components = load_sd(aug.model, device, dtype, aug.taesd)
+        # Learned tokens and LoRA (tools/finetune_sd.py) go in before __init__ builds the prompt cache from them.
+        tokens = apply_finetuned(components, aug, len(names))
+        prompts = class_prompts(aug.prompt, names, tokens)
         return cls(
             components,
             prompts,

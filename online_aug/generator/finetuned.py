@@ -1,0 +1,450 @@
+"""Fine-tuned class concepts for the generator: learned textual-inversion tokens and a UNet LoRA.
+
+- Textual inversion (Gal et al., 2022), as DA-Fusion §4.1 uses it (Trabucco et al., 2023): one new word embedding
+  ``w_i`` per class, initialised from the class name and learned on the training images, prompted as
+  "a photo of a <w_i>".
+- TI + LoRA, Diff-Mix §3.3 and Table 7's "TI+DB" (Wang et al., 2024): the tokens are learned jointly with a low-rank
+  update of the UNet's attention projections (rank 10 there), prompted as "a photo of a [v_i] [metaclass]".
+
+``tools/finetune_sd.py`` writes one folder that holds both, in formats diffusers reads:
+
+- ``learned_embeds/class_<i>.safetensors``: one file per class, a dict ``{token string: [D] embedding}`` (the format
+  ``pipeline.load_textual_inversion`` reads);
+- ``pytorch_lora_weights.safetensors`` (with ``--lora-rank``): written by ``save_lora_weights`` from the PEFT state
+  dict, read by ``pipeline.load_lora_weights``;
+- ``manifest.json``: class index -> token string and file, ``num_classes``, the base model and its signature (UNet
+  config + parameter shapes, text-encoder shapes, and a probe of a few weights), the prompt template, the
+  training settings.
+
+:func:`apply_finetuned` loads such a folder into :class:`SDComponents` for the online generator (the config keys
+``aug.textual_inversion`` and ``aug.lora``). A missing file, a token file for another number of classes, or
+weights for another base model is a :class:`ConfigError` that names the file: never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from online_aug.config import ConfigError
+
+if TYPE_CHECKING:
+    from online_aug.config import AugConfig
+    from online_aug.data import Splits
+    from online_aug.generator.loading import SDComponents
+
+MANIFEST = "manifest.json"
+EMBEDS_DIR = "learned_embeds"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: load_lora_weights finds it
+MANIFEST_FORMAT = "online_aug.finetune/1"
+# Attention projections of the UNet, the modules Diff-Mix (after diffusers' LoRA scripts) adapts.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_PROBE_N = 32  # weights compared per module to tell "same architecture" from "same base model"
+
+InitSplit = Literal["average", "error"]
+
+
+# ---------------------------------------------------------------- prompts and tokens
+
+
+def token_strings(names: list[str]) -> list[str]:
+    """One placeholder token per class, ``<name>`` in lower case (CLIP lower-cases prompts), made unique."""
+    out: list[str] = []
+    for i, n in enumerate(names):
+        slug = re.sub(r"[^a-z0-9]+", "-", n.lower()).strip("-") or f"class-{i}"
+        tok = f"<{slug}>"
+        if tok in out:  # two names that slug alike ("a b" and "a-b") still get distinct tokens
+            tok = f"<{slug}-{i}>"
+        out.append(tok)
+    return out
+
+
+def check_prompt_template(template: str, key: str, with_tokens: bool) -> None:
+    """Fail early on placeholders other than ``{name}`` / ``{token}``, or ``{token}`` without learned tokens."""
+    try:
+        template.format(name="x", token="y")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{key}={template!r}: only the {{name}} and {{token}} placeholders are allowed ({e})") from e
+    if "{token}" in template and not with_tokens:
+        raise ConfigError(f"{key}={template!r} uses {{token}} but no learned tokens are loaded; set "
+                          f"aug.textual_inversion to a folder written by tools/finetune_sd.py, or use {{name}}")
+
+
+def render_prompt(template: str, name: str, token: str | None) -> str:
+    """The prompt of one class, the same rule for fine-tuning and for the online generator.
+
+    Without a learned token: ``template.format(name=name)``. With one: ``{token}`` is the token and ``{name}`` the
+    class name (Diff-Mix: "a photo of a {token} {name}" or "... {token} digit"); a template with only ``{name}`` has
+    the token in the name's place (DA-Fusion: "a photo of a <w_i>"); a class-agnostic template without either
+    ("a photo") gets the token appended ("a photo <w_i>"), since a prompt without it would ignore what was learned.
+    """
+    if token is None:
+        return template.format(name=name, token=name)
+    if "{token}" in template:
+        return template.format(name=name, token=token)
+    if "{name}" in template:
+        return template.format(name=token)
+    return f"{template} {token}"
+
+
+def class_prompts(template: str, names: list[str], tokens: list[str] | None = None, key: str = "aug.prompt"
+                  ) -> list[str]:
+    check_prompt_template(template, key, tokens is not None)
+    if tokens is not None and len(tokens) != len(names):
+        raise ConfigError(f"{len(tokens)} learned tokens for {len(names)} classes")
+    return [render_prompt(template, n, None if tokens is None else tokens[i]) for i, n in enumerate(names)]
+
+
+def init_embeddings(tokenizer: Any, text_encoder: torch.nn.Module, words: list[str], on_split: InitSplit = "average"
+                    ) -> tuple[Tensor, list[list[str]]]:
+    """Initial embedding ``[C, D]`` of each new token: the input embedding of its initializer word.
+
+    A word the tokenizer splits into several sub-tokens ("zero" -> z, e, r, o</w> in a tokenizer that never saw it)
+    is averaged over its sub-tokens with ``on_split="average"`` (the sub-tokens are returned so the caller can show
+    and record them) or is a ValueError naming the word and its pieces with ``on_split="error"`` (the rule of
+    diffusers' textual_inversion.py). Averaging keeps multi-word class names usable ("sea turtle").
+    """
+    table = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    rows, pieces = [], []
+    for w in words:
+        ids = tokenizer.encode(w, add_special_tokens=False)
+        toks = tokenizer.convert_ids_to_tokens(ids)
+        if not ids:
+            raise ValueError(f"initializer word {w!r} tokenizes to nothing; choose another with --init-word")
+        if len(ids) > 1 and on_split == "error":
+            raise ValueError(f"initializer word {w!r} is split by the tokenizer into {len(ids)} tokens {toks}; "
+                             f"choose a single-token word with --init-word, or pass --init-split average to "
+                             f"initialise from the mean of the sub-token embeddings")
+        rows.append(table[ids].mean(0))
+        pieces.append(toks)
+    return torch.stack(rows), pieces
+
+
+def add_tokens(tokenizer: Any, text_encoder: torch.nn.Module, tokens: list[str], embeds: Tensor,
+               source: str = "") -> list[int]:
+    """Add ``tokens`` to the tokenizer, grow the text encoder's input embeddings and set their rows to ``embeds``.
+
+    Returns the new token ids. A token that already exists (loaded twice, or a word of the vocabulary) is an error:
+    its old embedding would otherwise be silently overwritten or ignored.
+    """
+    vocab = tokenizer.get_vocab()
+    clash = [t for t in tokens if t in vocab]
+    if clash:
+        raise ConfigError(f"{source or 'learned tokens'}: {clash} already in the tokenizer's vocabulary (tokens "
+                          f"loaded twice, or a name that is a word of the base model); re-run tools/finetune_sd.py")
+    table = text_encoder.get_input_embeddings().weight
+    if embeds.shape != (len(tokens), table.shape[1]):
+        raise ConfigError(f"{source or 'learned tokens'}: embeddings of shape {tuple(embeds.shape)} do not fit "
+                          f"{len(tokens)} tokens of the text encoder's width {table.shape[1]}")
+    added = tokenizer.add_tokens(list(tokens))
+    if added != len(tokens):
+        raise ConfigError(f"{source or 'learned tokens'}: the tokenizer added {added} of {len(tokens)} tokens")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set right below
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[ids] = embeds.to(table.device, table.dtype)
+    return list(ids)
+
+
+# ---------------------------------------------------------------- base-model identity
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unet_signature(unet: torch.nn.Module) -> str:
+    """Hash of the UNet's config (without bookkeeping keys) and of every parameter's name and shape."""
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    shapes = sorted((n, list(p.shape)) for n, p in unet.named_parameters() if "lora_" not in n)
+    return _sha([cfg, shapes])
+
+
+def text_encoder_signature(text_encoder: torch.nn.Module, vocab_size: int) -> str:
+    """Hash of the text encoder's parameter shapes, with the embedding table counted at the base vocabulary."""
+    shapes = []
+    for n, p in text_encoder.named_parameters():
+        shape = list(p.shape)
+        if p is text_encoder.get_input_embeddings().weight:
+            shape[0] = vocab_size
+        shapes.append((n, shape))
+    return _sha(sorted(shapes))
+
+
+def _probe(t: Tensor) -> list[float]:
+    return [round(float(v), 6) for v in t.detach().flatten()[:_PROBE_N].float().cpu()]
+
+
+def base_identity(components: SDComponents) -> dict[str, Any]:
+    """What ties fine-tuned weights to their base model: signatures plus a few actual weights.
+
+    Must be taken before tokens or a LoRA are added. The probe (the first weights of the UNet's ``conv_in`` and of
+    the text encoder's token table) tells two models of the same architecture apart; it is compared with a tolerance
+    so that a model loaded in fp16 / bf16 still matches.
+    """
+    te, vocab = components.text_encoder, len(components.tokenizer)
+    return {
+        "unet_signature": unet_signature(components.unet),
+        "text_encoder_signature": text_encoder_signature(te, vocab),
+        "vocab_size": vocab,
+        "embedding_dim": int(te.get_input_embeddings().weight.shape[1]),
+        "probe": {"unet.conv_in.weight": _probe(components.unet.conv_in.weight),
+                  "text_encoder.token_embedding": _probe(te.get_input_embeddings().weight[:vocab])},
+    }
+
+
+def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two :func:`base_identity` records (empty: same base model)."""
+    diffs = [k for k in ("unet_signature", "text_encoder_signature", "vocab_size", "embedding_dim")
+             if saved.get(k) != current.get(k)]
+    for k, cur in current["probe"].items():
+        old = saved.get("probe", {}).get(k)
+        if old is None or len(old) != len(cur) or not np.allclose(old, cur, rtol=2e-2, atol=1e-3):
+            diffs.append(f"weights ({k})")
+    return diffs
+
+
+# ---------------------------------------------------------------- reading a fine-tuned folder
+
+
+def read_manifest(folder: str | Path, key: str) -> dict[str, Any]:
+    """``folder/manifest.json`` as a dict; a missing folder or file, or unreadable JSON, is a ConfigError."""
+    path = Path(folder).expanduser() / MANIFEST
+    if not Path(folder).expanduser().is_dir():
+        raise ConfigError(f"{key}={str(folder)!r}: no such folder; point it at a folder written by "
+                          f"tools/finetune_sd.py (or leave it empty)")
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} is missing; the folder was not written by tools/finetune_sd.py "
+                          f"(or the run did not finish)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {path} cannot be read as JSON ({e}); re-run tools/finetune_sd.py") from e
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{key}: {path} is not a {MANIFEST_FORMAT} manifest; re-run tools/finetune_sd.py")
+    return data
+
+
+def check_base(manifest: dict[str, Any], components: SDComponents, path: Path, key: str,
+               identity: dict[str, Any] | None = None) -> None:
+    """ConfigError when ``manifest`` was learned on a different base model than ``components``."""
+    diffs = identity_mismatch(manifest.get("base", {}), identity or base_identity(components))
+    if diffs:
+        raise ConfigError(f"{key}: {path} was learned on a different base model ({manifest.get('base_model')!r}); "
+                          f"differs in {', '.join(diffs)}. Point aug.model at that model or re-run "
+                          f"tools/finetune_sd.py on this one.")
+
+
+def load_learned_embeddings(folder: str | Path, num_classes: int, key: str = "aug.textual_inversion",
+                            manifest: dict[str, Any] | None = None) -> tuple[list[str], Tensor]:
+    """Tokens (class order) and their embeddings ``[C, D]`` from a folder written by tools/finetune_sd.py."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    manifest = manifest or read_manifest(folder, key)
+    mpath = folder / MANIFEST
+    n = manifest.get("num_classes")
+    if n != num_classes:
+        raise ConfigError(f"{key}: {mpath} holds tokens for {n} classes but the dataset has {num_classes}; "
+                          f"fine-tune on this dataset's classes with tools/finetune_sd.py")
+    tokens, rows = [], []
+    for i in range(num_classes):
+        entry = manifest.get("classes", {}).get(str(i))
+        if not entry:
+            raise ConfigError(f"{key}: {mpath} has no entry for class {i}")
+        file = folder / entry["file"]
+        if not file.is_file():
+            raise ConfigError(f"{key}: {file} (the embedding of class {i}, {entry['token']!r}) is missing")
+        sd = load_file(str(file))
+        if list(sd) != [entry["token"]]:
+            raise ConfigError(f"{key}: {file} holds {list(sd)}, expected exactly the token {entry['token']!r}")
+        emb = sd[entry["token"]].float().reshape(-1)
+        tokens.append(entry["token"])
+        rows.append(emb)
+    dims = {r.numel() for r in rows}
+    if len(dims) != 1:
+        raise ConfigError(f"{key}: the embeddings in {folder / EMBEDS_DIR} have different widths {sorted(dims)}")
+    return tokens, torch.stack(rows)
+
+
+def save_learned_embeddings(folder: Path, tokens: list[str], embeds: Tensor) -> dict[str, dict[str, str]]:
+    """One ``{token: [D]}`` safetensors file per class; returns the manifest's ``classes`` entries."""
+    from safetensors.torch import save_file
+
+    (folder / EMBEDS_DIR).mkdir(parents=True, exist_ok=True)
+    classes = {}
+    for i, (tok, row) in enumerate(zip(tokens, embeds)):
+        rel = f"{EMBEDS_DIR}/class_{i:04d}.safetensors"
+        save_file({tok: row.detach().float().cpu().contiguous()}, str(folder / rel))
+        classes[str(i)] = {"token": tok, "file": rel}
+    return classes
+
+
+# ---------------------------------------------------------------- LoRA
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora\.down|lora\.up|lora_A|lora_B)\.weight$")
+
+
+def check_lora_state_dict(state_dict: dict[str, Tensor], unet: torch.nn.Module, path: Path, key: str) -> int:
+    """Every LoRA tensor must name a module of ``unet`` and fit its shape; returns the rank.
+
+    This is what makes a LoRA for another UNet an error here: diffusers would warn about unexpected keys (and
+    load nothing) or fail deep inside PEFT with a size mismatch.
+    """
+    modules = dict(unet.named_modules())
+    ranks = set()
+    other = [k for k in state_dict if not k.startswith("unet.")]
+    if other:
+        raise ConfigError(f"{key}: {path} has weights outside the UNet ({other[:3]}...); the online generator "
+                          f"applies UNet LoRAs only (tools/finetune_sd.py --lora-rank writes one)")
+    for k, v in state_dict.items():
+        name = k.removeprefix("unet.")
+        if name.endswith(".alpha"):
+            continue
+        m = _LORA_KEY.match(name)
+        if m is None:
+            raise ConfigError(f"{key}: {path} has a tensor {k!r} that is not a LoRA weight")
+        mod = modules.get(m["module"])
+        if mod is None or not hasattr(mod, "weight"):
+            raise ConfigError(f"{key}: {path} adapts {m['module']!r}, which this UNet does not have: the LoRA was "
+                              f"trained for a different UNet. Point aug.model at its base model or re-run "
+                              f"tools/finetune_sd.py --lora-rank on this one.")
+        w = mod.weight
+        down = m["kind"] in ("lora.down", "lora_A")
+        fits = v.ndim == w.ndim and ((v.shape[1] == w.shape[1]) if down else (v.shape[0] == w.shape[0]))
+        if not fits:
+            raise ConfigError(f"{key}: {path}: {k} has shape {tuple(v.shape)}, which does not fit {m['module']} "
+                              f"(weight {tuple(w.shape)}): the LoRA was trained for a different UNet")
+        ranks.add(int(v.shape[0] if down else v.shape[1]))
+    if not ranks:
+        raise ConfigError(f"{key}: {path} holds no UNet LoRA weights")
+    return max(ranks)
+
+
+def apply_lora(unet: torch.nn.Module, folder: str | Path, key: str = "aug.lora", fuse: bool = True) -> int:
+    """Load ``folder/pytorch_lora_weights.safetensors`` into ``unet`` the way ``pipe.load_lora_weights`` does.
+
+    With ``fuse`` the update is merged into the base weights and the PEFT layers are removed: the online loop then
+    runs a plain UNet (no per-step LoRA matmuls, nothing in the way of ``torch.compile``). Returns the rank.
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    path = Path(folder).expanduser() / LORA_FILE
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} is missing; run tools/finetune_sd.py --lora-rank R with this --out, "
+                          f"or leave {key} empty")
+    try:
+        state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            str(path.parent), weight_name=LORA_FILE, return_lora_metadata=True, local_files_only=True)
+    except Exception as e:  # chained: a corrupt file keeps its original traceback
+        raise ConfigError(f"{key}: {path} cannot be read as a diffusers LoRA ({type(e).__name__}: {e})") from e
+    rank = check_lora_state_dict(state_dict, unet, path, key)
+    params = list(unet.parameters())
+    frozen = not any(p.requires_grad for p in params)
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name="online_aug",
+                                                       metadata=metadata)
+    if fuse:
+        unet.fuse_lora(adapter_names=["online_aug"])
+        unet.unload_lora()  # keeps the merged weights; removes the PEFT wrappers
+        if frozen:
+            unet.requires_grad_(False)
+    return rank
+
+
+# ---------------------------------------------------------------- the generator's entry point
+
+
+def apply_finetuned(components: SDComponents, aug: AugConfig, num_classes: int) -> list[str] | None:
+    """Apply ``aug.textual_inversion`` and ``aug.lora`` to ``components`` in place.
+
+    Both folders are checked against the base model before anything is changed. Returns the learned token of each
+    class (for the prompts), or None when ``aug.textual_inversion`` is empty.
+    """
+    if not aug.textual_inversion and not aug.lora:
+        return None
+    identity = base_identity(components)
+    ti_manifest = None
+    if aug.textual_inversion:
+        ti_manifest = read_manifest(aug.textual_inversion, "aug.textual_inversion")
+        check_base(ti_manifest, components, Path(aug.textual_inversion) / MANIFEST, "aug.textual_inversion", identity)
+    if aug.lora:
+        lora_manifest = Path(aug.lora).expanduser() / MANIFEST
+        if lora_manifest.is_file():  # a plain diffusers LoRA folder has none: the key/shape check still applies
+            check_base(read_manifest(aug.lora, "aug.lora"), components, lora_manifest, "aug.lora", identity)
+        elif not Path(aug.lora).expanduser().is_dir():
+            raise ConfigError(f"aug.lora={aug.lora!r}: no such folder; point it at a folder written by "
+                              f"tools/finetune_sd.py --lora-rank R (or leave it empty)")
+    tokens = None
+    if ti_manifest is not None:
+        tokens, embeds = load_learned_embeddings(aug.textual_inversion, num_classes, manifest=ti_manifest)
+        add_tokens(components.tokenizer, components.text_encoder, tokens, embeds,
+                   source=f"aug.textual_inversion={aug.textual_inversion!r}")
+        trained = ti_manifest.get("template")
+        if trained is not None and trained != aug.prompt:
+            warnings.warn(f"aug.prompt={aug.prompt!r} differs from the template the tokens were learned with "
+                          f"({trained!r}, in {Path(aug.textual_inversion) / MANIFEST})", stacklevel=2)
+    if aug.lora:
+        apply_lora(components.unet, aug.lora)
+    return tokens
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def edit_target_rates(
+    components: SDComponents,
+    prompts: list[str],
+    splits: Splits,
+    *,
+    strengths: tuple[float, ...] = (0.9,),
+    modes: tuple[str, ...] = ("fewstep", "grid"),
+    n_edits: int = 200,
+    guidance_scale: float = 4.0,
+    steps: int = 4,
+    grid_steps: int = 25,
+    seed: int = 0,
+    device: str = "cpu",
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Inter-class SDEdit toward random targets != source, judged by the quality gate's pixel classifier.
+
+    The protocol is :func:`online_aug.generator.quality.evaluate_edit_quality`'s (same classifier, same draws of
+    sources and targets for a seed), but on given components and prompts, so that a base model and its fine-tuned
+    version are compared on exactly the same edits.
+    """
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from online_aug.generator.quality import _pixels, _split_images, fit_pixel_classifier
+    from online_aug.generator.sdedit import SDEditGenerator
+
+    res = int(components.unet.config.sample_size) * components.vae_scale_factor
+    x, y = _split_images(splits)
+    x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    clf = fit_pixel_classifier(x, y, res)
+    rng = np.random.default_rng(seed)
+    C = len(prompts)
+    src_idx = rng.integers(0, len(y), size=n_edits)
+    src = y[src_idx]
+    tgt = (src + rng.integers(1, C, size=n_edits)) % C
+    out: dict[str, Any] = {"n_edits": n_edits, "guidance_scale": guidance_scale, "seed": seed, "modes": {}}
+    jobs = [(m, s) for m in modes for s in strengths]
+    for mode, s in tqdm(jobs, desc="edit eval", disable=not show_progress, dynamic_ncols=True):
+        gen = SDEditGenerator(components, prompts, guidance_scale=guidance_scale, schedule=mode,  # type: ignore[arg-type]
+                              steps=steps, grid_steps=grid_steps, scheduler="ddim", device=device,
+                              dtype=components.unet.dtype)
+        g = torch.Generator().manual_seed(seed)
+        edited, _ = gen.edit(x[src_idx].to(device), torch.full((n_edits,), s), torch.from_numpy(tgt), generator=g)
+        pred = clf.predict(_pixels(edited.cpu(), res))
+        out["modes"].setdefault(mode, {})[str(s)] = {"target_rate": float((pred == tgt).mean()),
+                                                     "source_rate": float((pred == src).mean())}
+    return out
