@@ -24,8 +24,7 @@ class ConfigError(ValueError):
 METHODS: tuple[str, ...] = (
     "custom", "baseline", "baseline-randaugment", "baseline-mixup-cutmix", "baseline-drw", "baseline-label-smoothing",
     "real-guidance", "real-gen", "real-mix", "da-fusion", "diff-gen", "diff-aug", "diff-mix", "diff-mix-uniformize",
-    "diff-mix-cutmix", "latent-perturbation", "composition", "real-guidance-leakage-free",
-    "da-fusion-leakage-free", "diff-mix-leakage-free",
+    "diff-mix-cutmix", "latent-perturbation", "composition", "real-guidance-leakage-free", "da-fusion-leakage-free",
 )
 
 

@@ -1,0 +1,61 @@
+"""tools/compare.py --quick: two presets, one seed, two steps each; results.csv, table.md and a non-empty plot.png."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny_sd import save_tiny_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "tools/compare.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_quick_comparison_writes_csv_table_and_plot(tmp_path):
+    sd = save_tiny_sd(tmp_path / "sd")
+    out = tmp_path / "cmp"
+    r = _run(["--out", str(out), "--quick", "--model", str(sd)])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(x["preset"], x["seed"], x["split"], x["steps"]) for x in rows] == [
+        ("baseline", "0", "test", "2"), ("real-guidance", "0", "test", "2")]
+    for x in rows:
+        assert 0 <= float(x["top1"]) <= 100 and float(x["wall_s"]) > 0
+        assert Path(x["run_dir"], "summary.csv").is_file()
+
+    table = (out / "table.md").read_text()
+    assert "| preset | top-1 | balanced | many | medium | few |" in table
+    assert "| baseline |" in table and "| real-guidance |" in table and "±" in table
+    png = (out / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # a second call reuses the finished runs instead of training again
+    r2 = _run(["--out", str(out), "--quick", "--model", str(sd), "--presets", "baseline"])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert len(list((out / "runs").glob("*-baseline-seed0"))) == 1
+
+
+def test_validation_mode_reports_the_validation_split(tmp_path):
+    out = tmp_path / "val"
+    r = _run(["--out", str(out), "--quick", "--presets", "baseline", "--val"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "results.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["split"] == "val"
+    assert "validation accuracy" in (out / "table.md").read_text()
+
+
+def test_unknown_preset_is_refused_before_any_run(tmp_path):
+    r = _run(["--out", str(tmp_path / "x"), "--presets", "no-such-preset"])
+    assert r.returncode == 2 and "configs/no-such-preset.yaml not found" in r.stderr

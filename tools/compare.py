@@ -1,0 +1,231 @@
+"""Compare presets on the embedded digits long-tail task over several seeds: results.csv, table.md, plot.png.
+
+Every (preset, seed) is its own ``python train.py`` subprocess, so DeepSpeed and the process group start clean and
+a crash in one run cannot leak state into the next. All runs share the step count, batch size and classifier recipe
+(the presets keep them equal and the command-line overrides here apply to every run alike); only ``run.seed``
+varies, while ``data.split_seed`` stays fixed, so every run sees the same long-tail training split, the one the
+committed tiny SD was trained on, and none of them has seen a test image.
+
+Never tune on the test split: ``--val`` carves a validation split out of the training data (``data.val_fraction``)
+and evaluates on it (``train.eval_split=val``); use it for any choice (alpha, s, gamma, guidance, steps) and report
+test numbers only for the final choice.
+
+    python tools/compare.py --out reports/compare --seeds 0 1 2 --steps 300
+    python tools/compare.py --out reports/tune --val --presets diff-mix-uniformize --set aug.gamma=0.1
+    python tools/compare.py --out /tmp/q --quick --model /tmp/tiny-sd      # smoke test: 2 presets, 1 seed, 2 steps
+
+Runs that already finished under ``<out>/runs`` with the same name and step count are reused (an interrupted
+comparison continues where it stopped); ``--fresh`` ignores them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PRESETS = ["baseline", "real-guidance", "real-gen", "diff-mix", "diff-mix-uniformize"]
+METRICS = [("top1", "top-1"), ("balanced_acc", "balanced"), ("acc_many", "many"), ("acc_medium", "medium"),
+           ("acc_few", "few")]
+QUICK_OVERRIDES = ["train.batch_size=8", "data.image_size=16", "aug.steps=1", "aug.image_every=0",
+                   "aug.queue_depth=1", "train.log_every=1"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (results.csv, table.md, plot.png, runs/, logs/)")
+    p.add_argument("--presets", nargs="+", default=None, help=f"configs/<name>.yaml (default: {DEFAULT_PRESETS})")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="run.seed values; the data split stays fixed (default: 0 1 2, or 0 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="train.steps for every run (default: the presets')")
+    p.add_argument("--model", default=None, help="aug.model for every augmented run (default: the presets')")
+    p.add_argument("--val", action="store_true",
+                   help="evaluate on a validation split carved from training data (for tuning), not on test")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="data.val_fraction used by --val")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 2 presets, seed 0, 2 steps, batch 8, 16 px (pair with --model <tiny SD>)")
+    p.add_argument("--fresh", action="store_true", help="rerun even when a finished run is found under <out>/runs")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.presets = args.presets or DEFAULT_PRESETS[:2]
+        args.seeds = args.seeds or [0]
+        args.steps = args.steps or 2
+    args.presets = args.presets or DEFAULT_PRESETS
+    args.seeds = args.seeds or [0, 1, 2]
+    for name in args.presets:
+        if not (ROOT / "configs" / f"{name}.yaml").is_file():
+            p.error(f"--presets: configs/{name}.yaml not found")
+    return args
+
+
+def run_overrides(args: argparse.Namespace, preset: str, seed: int) -> list[str]:
+    out = [f"run.name={preset}-seed{seed}", f"run.seed={seed}", f"run.out_dir={Path(args.out) / 'runs'}"]
+    if args.steps:
+        # one evaluation at the end: intermediate test numbers invite picking the best step, which is tuning on test
+        out += [f"train.steps={args.steps}", f"train.eval_every={args.steps}"]
+    if args.quick:
+        out += QUICK_OVERRIDES + ["train.warmup_steps=1"]
+    if args.model:
+        out.append(f"aug.model={args.model}")
+    if args.val:
+        out += [f"data.val_fraction={args.val_fraction}", "train.eval_split=val"]
+    return out + list(args.set)
+
+
+def finished_run(runs: Path, name: str, steps: int | None) -> Path | None:
+    """The newest run folder of this name whose summary.csv reached the final step (None if there is none)."""
+    for run in sorted(runs.glob(f"*-{name}"), reverse=True):
+        rows = read_summary(run)
+        cfg = run / "config.yaml"
+        if rows and cfg.is_file():
+            import yaml
+
+            want = steps or int(yaml.safe_load(cfg.read_text())["train"]["steps"])
+            if int(rows[-1]["step"]) == want:
+                return run
+    return None
+
+
+def read_summary(run: Path) -> list[dict[str, str]]:
+    path = run / "summary.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def train_one(args: argparse.Namespace, preset: str, seed: int, logs: Path) -> tuple[Path, float]:
+    """Run train.py for one (preset, seed); returns its run folder and wall time. Raises with the log's tail."""
+    runs = Path(args.out) / "runs"
+    name = f"{preset}-seed{seed}"
+    if not args.fresh and (done := finished_run(runs, name, args.steps)) is not None:
+        wall = done / "compare_wall_s.txt"
+        return done, float(wall.read_text()) if wall.is_file() else math.nan
+    before = set(runs.glob(f"*-{name}"))
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{preset}.yaml"),
+           *run_overrides(args, preset, seed)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the comparison uses local models only; never wait on the network
+    log = logs / f"{name}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    new = sorted(set(runs.glob(f"*-{name}")) - before)
+    if r.returncode != 0 or not new or not read_summary(new[-1]):
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{name} failed (exit {r.returncode}); log {log}:\n{tail}")
+    (new[-1] / "compare_wall_s.txt").write_text(f"{wall:.1f}\n")  # so a resumed comparison still reports it
+    return new[-1], wall
+
+
+def collect(run: Path) -> dict[str, float]:
+    last = read_summary(run)[-1]
+    return {m: 100 * float(last[f"eval_{m}"]) for m, _ in METRICS}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
+    cols = ["preset", "seed", "split", "steps", *[m for m, _ in METRICS], "wall_s", "run_dir"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in cols})
+
+    split = "validation" if args.val else "test"
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    stats = {p: {m: mean_std([r[m] for r in rows if r["preset"] == p]) for m, _ in METRICS} for p in presets}
+    steps = sorted({r["steps"] for r in rows})
+    total_wall = sum(r["wall_s"] for r in rows if not math.isnan(r["wall_s"]))
+    lines = [f"Digits long-tail, {split} accuracy (%), mean ± std over seeds {' '.join(map(str, args.seeds))} "
+             f"({len(rows)} runs, {', '.join(map(str, steps))} steps each; wall time of all runs "
+             f"{total_wall / 60:.1f} min, one after another on this machine).",
+             "",
+             "| preset | " + " | ".join(label for _, label in METRICS) + " | wall s/run |",
+             "|---|" + "---:|" * (len(METRICS) + 1)]
+    for p in presets:
+        cells = [f"{stats[p][m][0]:.2f} ± {stats[p][m][1]:.2f}" for m, _ in METRICS]
+        wall, _ = mean_std([r["wall_s"] for r in rows if r["preset"] == p])
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {wall:.0f} |")
+    cmd = "python tools/compare.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python tools/compare.py"
+    lines += ["", f"Command: `{cmd}`", ""]
+    (out / "table.md").write_text("\n".join(lines))
+    plot(out / "plot.png", presets, stats, split)
+
+
+def plot(path: Path, presets: list[str], stats: dict, split: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(METRICS))
+    width = 0.8 / max(1, len(presets))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(METRICS) + 0.4 * len(presets)), 4.6))
+    for i, p in enumerate(presets):
+        means = [stats[p][m][0] for m, _ in METRICS]
+        stds = [stats[p][m][1] for m, _ in METRICS]
+        ax.bar(x + (i - (len(presets) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=p)
+    ax.set_xticks(x, [label for _, label in METRICS])
+    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("digits long-tail: mean ± std over seeds")
+    ax.legend(fontsize=8, ncol=min(5, len(presets)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(exist_ok=True)
+    rows: list[dict] = []
+    jobs = [(p, s) for p in args.presets for s in args.seeds]
+    bar = tqdm(jobs, desc="compare", unit="run")
+    for preset, seed in bar:
+        bar.set_postfix_str(f"{preset} seed {seed}")
+        try:
+            run, wall = train_one(args, preset, seed, logs)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            bar.close()
+            print(f"error: {e}", file=sys.stderr)
+            if rows:
+                write_outputs(out, rows, args)  # keep what finished
+            return 1
+        steps = int(read_summary(run)[-1]["step"])
+        rows.append({"preset": preset, "seed": seed, "split": "val" if args.val else "test", "steps": steps,
+                     **collect(run), "wall_s": wall, "run_dir": str(run)})
+    bar.close()
+    write_outputs(out, rows, args)
+    print((out / "table.md").read_text())
+    print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'plot.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
