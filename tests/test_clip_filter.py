@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_prefetch import FakeGenerator, TinyData
-from tiny_sd import _write_tokenizer_files
+from tiny_sd import _write_tokenizer_files, save_tiny_sd
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from online_aug.augment import Augmenter
@@ -17,6 +21,7 @@ from online_aug.generator.clip_filter import CLIPEditFilter, RunningQuantile, bu
 from online_aug.policy import AugPolicy, step_rng
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 64  # the captions are ~30 byte-level tokens with this tokenizer
 
 
@@ -163,3 +168,23 @@ def test_empty_metaclass_is_a_config_error(tiny_clip):
     model, tok, _, _ = load_clip(str(tiny_clip))
     with pytest.raises(ConfigError, match="aug.filter_metaclass"):
         CLIPEditFilter(model, tok, " ", 0.1)
+
+
+def test_training_run_with_the_filter_counts_filtered_edits(tiny_clip, tmp_path):
+    """train.py end to end: build_augmenter wires the filter in, dropped edits show up in summary.csv."""
+    sd = save_tiny_sd(tmp_path / "sd")
+    out = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [sys.executable, "train.py", "--config", "configs/diff-mix.yaml", "run.name=filt", f"run.out_dir={out}",
+           "train.steps=3", "train.eval_every=3", "train.log_every=3", "train.batch_size=16", "data.image_size=16",
+           f"aug.model={sd}", "aug.steps=1", "aug.image_every=0", "aug.filter_fraction=0.5",
+           f"aug.filter_model={tiny_clip}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = out.glob("*-filt")
+    with open(run / "summary.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    filtered, alpha = float(row["aug/filtered"]), float(row["aug/effective_alpha"])
+    assert filtered >= 4  # 3 steps x 8 edits, the lower half of the running window dropped (4 in the first batch)
+    assert alpha == pytest.approx(0.5 - filtered / (3 * 16), abs=1e-5)  # a dropped edit is a real sample again

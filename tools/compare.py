@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
+    # runs/ (checkpoints, ~60 MB each) and logs/ are the raw material; only the three reports belong in git
+    (out / ".gitignore").write_text("runs/\nlogs/\n")
     rows: list[dict] = []
     jobs = [(p, s) for p in args.presets for s in args.seeds]
     bar = tqdm(jobs, desc="compare", unit="run")
