@@ -2,7 +2,8 @@
 
 Layout: ``<out_dir>/<YYYYmmdd-HHMMSS>-<name>/`` with ``config.yaml``, ``tb/``, ``checkpoints/`` and ``summary.csv``.
 Checkpoints are DeepSpeed's own (``engine.save_checkpoint``, called on every rank), so DeepSpeed's tools work on
-them, e.g. the ``zero_to_fp32.py`` DeepSpeed writes next to them.
+them, e.g. the ``zero_to_fp32.py`` DeepSpeed writes next to them (ZeRO stages 1-3; stage 0 saves the whole model
+in ``mp_rank_00_model_states.pt``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, validate
 
 
 def _free_port() -> int:
@@ -63,7 +63,8 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
 
 def micro_batch(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(micro-batch per rank, gradient accumulation steps)."""
+    """(micro-batch per rank, gradient accumulation steps); ConfigError if the batch does not split evenly."""
+    validate(cfg, world_size=world_size)  # load_config checked world size 1; the launch decides the real one
     per_rank = cfg.train.batch_size // world_size
     mb = cfg.train.micro_batch_size or per_rank
     return mb, per_rank // mb

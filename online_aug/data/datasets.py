@@ -105,7 +105,7 @@ def _cifar(cfg: DataConfig, train: bool) -> tuple[np.ndarray, np.ndarray, list[s
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Class-per-subfolder images. Every file is opened and verified now, so an unreadable image fails
+    """Class-per-subfolder images. Every file is opened and decoded now, so an unreadable image fails
     before training starts with its path in the message (we fail rather than skip: a silently shrunk
     class would change the long-tail profile)."""
     root = Path(root)
@@ -122,7 +122,10 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
         for p in found:
             try:
                 with Image.open(p) as im:
-                    im.verify()
+                    im.verify()  # structure and checksums (PNG)
+                with Image.open(p) as im:  # verify() does not decode: a truncated JPEG passes it
+                    im.draft("RGB", (1, 1))  # JPEG decodes at 1/8 scale, still reading every byte
+                    im.load()
             except Exception as e:  # PIL raises many types for corrupt files
                 raise ConfigError(f"unreadable image file {str(p)!r}: {e}; remove or replace it") from e
             files.append(p)
@@ -130,11 +133,16 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     return files, np.asarray(labels, dtype=np.int64), classes
 
 
-def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int,
+                      key: str = "data.test_fraction") -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
-    a, b = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    try:
+        a, b = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError as e:  # a class with < 2 images, or fewer held-out images than classes
+        raise ConfigError(f"{key}={fraction}: no stratified split of {len(labels)} images is possible ({e}); "
+                          f"change {key} or lower data.imbalance_ratio") from e
     return np.sort(a), np.sort(b)
 
 
@@ -171,7 +179,7 @@ def build_splits(cfg: DataConfig, train_transform=None) -> Splits:
         train = train.subset(keep)
     val = None
     if cfg.val_fraction > 0:
-        tr, va = _stratified_split(train.labels, cfg.val_fraction, seed + 1)
+        tr, va = _stratified_split(train.labels, cfg.val_fraction, seed + 1, "data.val_fraction")
         train, val = train.subset(tr), train.subset(va)
     for c, n in enumerate(train.class_counts()):
         if n == 0:
