@@ -216,14 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             bar.close()
             print(f"error: {e}", file=sys.stderr)
-            if rows:
-                write_outputs(out, rows, args)  # keep what finished
-            return 1
+            return 1  # the reports of the runs that finished are already written
         steps = int(read_summary(run)[-1]["step"])
         rows.append({"preset": preset, "seed": seed, "split": "val" if args.val else "test", "steps": steps,
                      **collect(run), "wall_s": wall, "run_dir": str(run)})
+        write_outputs(out, rows, args)  # after every run: a long comparison shows (and keeps) partial results
     bar.close()
-    write_outputs(out, rows, args)
     print((out / "table.md").read_text())
     print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'plot.png'}")
     return 0
