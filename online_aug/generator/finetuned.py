@@ -388,6 +388,9 @@ def apply_finetuned(components: SDComponents, aug: AugConfig, num_classes: int) 
         tokens, embeds = load_learned_embeddings(aug.textual_inversion, num_classes, manifest=ti_manifest)
         add_tokens(components.tokenizer, components.text_encoder, tokens, embeds,
                    source=f"aug.textual_inversion={aug.textual_inversion!r}")
+        if ti_manifest.get("lora") and not aug.lora:
+            warnings.warn(f"the tokens in {aug.textual_inversion} were learned jointly with a LoRA, but aug.lora is "
+                          f"empty: set aug.lora={aug.textual_inversion} to use them as trained", stacklevel=2)
         trained = ti_manifest.get("template")
         if trained is not None and trained != aug.prompt:
             warnings.warn(f"aug.prompt={aug.prompt!r} differs from the template the tokens were learned with "
