@@ -159,6 +159,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=30, help="timed training steps per variant")
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--out", default="", help="also write the results as JSON here")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
@@ -167,16 +168,19 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  "
           f"torch threads: {torch.get_num_threads()}  model: {cfg.aug.model}")
-    results = {"device": str(device), "generation": bench_generation(cfg.aug.model, a.batch, device, a.repeats, cfg)}
-    gen = results["generation"]
-    print(f"\n(a) generation, batch {a.batch}, s ~ U{{0.5, 0.7, 0.9}}, guidance {cfg.aug.guidance_scale}")
-    print(f"{'':28}{'UNet evals/image':>18}{'images/s':>12}")
-    for k in ("diffusers_img2img_25", f"ours_fewstep_K{cfg.aug.steps}", "ours_grid_25"):
-        print(f"{k:28}{gen[k]['unet_evals_per_image']:>18.2f}{gen[k]['images_per_s']:>12.1f}")
-    r = gen["ratio_fewstep_vs_diffusers"]
-    print(f"few-step vs diffusers: {r['unet_evals']:.2f}x fewer UNet evals, {r['images_per_s']:.2f}x images/s")
-    r = gen["ratio_grid_vs_diffusers"]
-    print(f"(a') grid (equal steps) vs diffusers: {r['unet_evals']:.2f}x UNet evals, {r['images_per_s']:.2f}x images/s")
+    results: dict = {"device": str(device)}
+    if not a.skip_generation:
+        gen = bench_generation(cfg.aug.model, a.batch, device, a.repeats, cfg)
+        results["generation"] = gen
+        print(f"\n(a) generation, batch {a.batch}, s ~ U{{0.5, 0.7, 0.9}}, guidance {cfg.aug.guidance_scale}")
+        print(f"{'':28}{'UNet evals/image':>18}{'images/s':>12}")
+        for k in ("diffusers_img2img_25", f"ours_fewstep_K{cfg.aug.steps}", "ours_grid_25"):
+            print(f"{k:28}{gen[k]['unet_evals_per_image']:>18.2f}{gen[k]['images_per_s']:>12.1f}")
+        r = gen["ratio_fewstep_vs_diffusers"]
+        print(f"few-step vs diffusers: {r['unet_evals']:.2f}x fewer UNet evals, {r['images_per_s']:.2f}x images/s")
+        r = gen["ratio_grid_vs_diffusers"]
+        print(f"(a') grid (equal steps) vs diffusers: {r['unet_evals']:.2f}x UNet evals, "
+              f"{r['images_per_s']:.2f}x images/s")
     if not a.skip_training:
         tr = bench_training(a.config, a.overrides, a.steps, device)
         results["training"] = tr
