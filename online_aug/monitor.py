@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,11 @@ class Monitor(NullMonitor):
         self.run_dir = Path(run_dir)
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
         self.csv_path = self.run_dir / "summary.csv"
+        # Off a terminal (a log file, a cluster job's stdout) every redraw is a new line; one line every 30 s keeps
+        # the log readable and still shows the run is alive.
+        interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
-                        disable=not show_progress)
+                        disable=not show_progress, mininterval=0.1 if interactive else 30.0)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():

@@ -1,7 +1,7 @@
 """tools/finetune_sd.py and online_aug.generator.finetuned: textual inversion (+ LoRA) learned, saved, loaded.
 
 Most tests use the random tiny SD of tests/tiny_sd.py (its character-level tokenizer splits every class name, which
-is what the initializer test needs); the improvement test uses the committed class-agnostic tiny SD.
+is what the initializer test needs); the learning test uses the committed models/tiny-sd-digits.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import finetune_sd  # noqa: E402
 
-AGNOSTIC = ROOT / "models" / "tiny-sd-digits-agnostic"
+DEMO_SD = ROOT / "models" / "tiny-sd-digits"
 TEMPLATE = "a photo of a {token} {name}"  # Diff-Mix's "[v_i] [metaclass]" form
 CPU = torch.device("cpu")
 
@@ -236,20 +236,38 @@ def test_prompt_rules() -> None:
         class_prompts("a {label}", ["x"])
 
 
-@pytest.mark.skipif(not (AGNOSTIC / "model_index.json").is_file(), reason="models/tiny-sd-digits-agnostic not built")
-def test_textual_inversion_teaches_a_class_agnostic_model(tmp_path: Path) -> None:
-    """The agnostic tiny SD never saw a class name; a short TI run on the training split makes edits land."""
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["aug.prompt=a photo"])
+@pytest.mark.skipif(not (DEMO_SD / "model_index.json").is_file(), reason="models/tiny-sd-digits not built")
+def test_textual_inversion_learns_the_classes(tmp_path: Path) -> None:
+    """Tokens initialised from an uninformative word ("a", the same for every class) learn each class from the
+    training split: s=0.9 edits toward a target go from chance to landing on it (the measured version of this, on
+    class-agnostic and code-word models, is in README / tools/finetune_sd.py --eval)."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
     splits = build_splits(cfg.data)
-    out = tmp_path / "ti"
-    finetune_sd.finetune(cfg, splits, str(AGNOSTIC), out, finetune_sd.FinetuneOptions(
-        steps=150, batch_size=32, lr=2e-2, warmup=10, show_progress=False))
+    out, template = tmp_path / "ti", "a photo of the digit {token}"
+    finetune_sd.finetune(cfg, splits, str(DEMO_SD), out, finetune_sd.FinetuneOptions(
+        steps=60, batch_size=32, lr=0.05, warmup=10, template=template, init_word="a", init_split="error",
+        show_progress=False))
     kw: dict[str, Any] = dict(n_edits=100, modes=("fewstep",), seed=0)
-    before = edit_target_rates(load_sd(str(AGNOSTIC), CPU, torch.float32),
-                               [f"a photo of the digit {n}" for n in splits.class_names], splits, **kw)
-    gen = SDEditGenerator.from_config(AugConfig(model=str(AGNOSTIC), prompt="a photo", textual_inversion=str(out)),
+    # Before: every class prompted with the initializer, i.e. what the tokens are before training.
+    before = edit_target_rates(load_sd(str(DEMO_SD), CPU, torch.float32), [render_prompt(template, "a", None)] * 10,
+                               splits, **kw)
+    gen = SDEditGenerator.from_config(AugConfig(model=str(DEMO_SD), prompt=template, textual_inversion=str(out)),
                                       splits.class_names, CPU)
     after = edit_target_rates(gen.components, gen.class_prompts, splits, **kw)
     b, a = before["modes"]["fewstep"]["0.9"]["target_rate"], after["modes"]["fewstep"]["0.9"]["target_rate"]
-    assert b < 0.25, b  # about chance (0.1): the model cannot draw a class it was never told about
-    assert a > b + 0.2, (b, a)
+    assert b < 0.25, b  # about chance (0.1): one prompt for all classes cannot pick a target
+    assert a >= 0.6 and a > b + 0.4, (b, a)
+
+
+def test_eval_measures_before_names_and_after(tuned: Path, base: Path, cfg: Config, splits: Splits) -> None:
+    """--eval: the same edits judged three ways; 'before' starts from the tokens' initial values."""
+    m = json.loads((tuned / MANIFEST).read_text())
+    ev = finetune_sd.evaluate(cfg, splits, str(base), tuned, m, n_edits=10, guidance_scale=2.0, device=CPU,
+                              show_progress=False)
+    for k in ("before", "names", "after"):
+        for mode in ("fewstep", "grid"):
+            cell = ev[k]["modes"][mode]["0.9"]
+            assert 0.0 <= cell["target_rate"] <= 1.0, (k, mode, cell)
+    assert ev["chance"] == pytest.approx(0.1)
+    table = finetune_sd.format_eval(ev).splitlines()
+    assert "names" in table[0] and "before" in table[0] and len(table) == 3

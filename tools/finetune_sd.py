@@ -356,33 +356,45 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 def evaluate(cfg: Config, splits: Splits, model: str, out: Path, manifest: dict[str, Any], *, n_edits: int,
              guidance_scale: float, device: torch.device, show_progress: bool) -> dict[str, Any]:
-    """Inter-class edit target rates (s=0.9, both schedules) before and after fine-tuning, on the same edits.
+    """Inter-class edit target rates (s=0.9, both schedules) on the same edits, three ways:
 
-    "Before" is the base model prompted with the class *names* in the same template; "after" loads ``out`` through
-    the online generator's own path (:func:`apply_finetuned`), so what is measured is what a run would use.
+    - ``before``: the base model with the learned tokens at their *initial* values (``init_words``), i.e. what
+      the run started from: the fair "before fine-tuning";
+    - ``names``: the base model prompted with the class *names* in the same template (what a user gets without the
+      tool; on a base model that never learned the names it is also chance);
+    - ``after``: ``out`` loaded through the online generator's own path (:func:`apply_finetuned`), so what is
+      measured is what a training run would use.
     """
     names, template = manifest["class_names"], manifest["template"]
     kw = dict(n_edits=n_edits, guidance_scale=guidance_scale, steps=cfg.aug.steps, grid_steps=cfg.aug.grid_steps,
               seed=0, device=str(device), show_progress=show_progress)
     base = load_sd(model, device, torch.float32)
-    before = edit_target_rates(base, [render_prompt(template, n, None) for n in names], splits, **kw)
+    by_name = edit_target_rates(base, [render_prompt(template, n, None) for n in names], splits, **kw)
+    tokens = [manifest["classes"][str(i)]["token"] for i in range(len(names))]
+    init, _ = init_embeddings(base.tokenizer, base.text_encoder, manifest["init_words"],
+                              manifest["options"]["init_split"])
+    add_tokens(base.tokenizer, base.text_encoder, tokens, init, source="--eval")
+    before = edit_target_rates(base, class_prompts(template, names, tokens), splits, **kw)
     tuned = load_sd(model, device, torch.float32)
     aug = AugConfig(model=model, prompt=template, textual_inversion=str(out),
                     lora=str(out) if manifest["lora"] else "")
-    tokens = apply_finetuned(tuned, aug, len(names))
-    after = edit_target_rates(tuned, class_prompts(template, names, tokens), splits, **kw)
-    return {"before": before, "after": after, "chance": 1.0 / len(names),
+    loaded = apply_finetuned(tuned, aug, len(names))
+    after = edit_target_rates(tuned, class_prompts(template, names, loaded), splits, **kw)
+    return {"before": before, "names": by_name, "after": after, "chance": 1.0 / len(names),
+            "guidance_scale": guidance_scale,
             "protocol": "s=0.9 inter-class SDEdit of training images toward a uniform target != source; judged by "
-                        "the quality gate's LogisticRegression on grayscale training pixels"}
+                        "the quality gate's LogisticRegression on grayscale training pixels; before = tokens at "
+                        "their initial values, names = class names in the template"}
 
 
 def format_eval(ev: dict[str, Any]) -> str:
-    lines = [f"{'mode':<9}{'s':>5}{'before':>9}{'after':>9}   (target rate; chance {ev['chance']:.3f}, "
-             f"{ev['after']['n_edits']} edits)"]
+    lines = [f"{'mode':<9}{'s':>5}{'names':>8}{'before':>8}{'after':>8}   (target rate; chance {ev['chance']:.3f}, "
+             f"{ev['after']['n_edits']} edits; before = tokens at init)"]
     for mode, cells in ev["after"]["modes"].items():
         for s, c in cells.items():
+            n = ev["names"]["modes"][mode][s]["target_rate"]
             b = ev["before"]["modes"][mode][s]["target_rate"]
-            lines.append(f"{mode:<9}{s:>5}{b:>9.3f}{c['target_rate']:>9.3f}")
+            lines.append(f"{mode:<9}{s:>5}{n:>8.3f}{b:>8.3f}{c['target_rate']:>8.3f}")
     return "\n".join(lines)
 
 
