@@ -1,7 +1,8 @@
 """tools/finetune_sd.py and online_aug.generator.finetuned: textual inversion (+ LoRA) learned, saved, loaded.
 
 Most tests use the random tiny SD of tests/tiny_sd.py (its character-level tokenizer splits every class name, which
-is what the initializer test needs); the learning test uses the committed models/tiny-sd-digits.
+is what the initializer test needs); the learning tests use the committed models/tiny-sd-digits (which learned the
+class names) and models/tiny-sd-digits-agnostic (trained with the one prompt "a photo": it never saw a class name).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import finetune_sd  # noqa: E402
 
 DEMO_SD = ROOT / "models" / "tiny-sd-digits"
+AGNOSTIC_SD = ROOT / "models" / "tiny-sd-digits-agnostic"
 TEMPLATE = "a photo of a {token} {name}"  # Diff-Mix's "[v_i] [metaclass]" form
 CPU = torch.device("cpu")
 
@@ -239,8 +241,8 @@ def test_prompt_rules() -> None:
 @pytest.mark.skipif(not (DEMO_SD / "model_index.json").is_file(), reason="models/tiny-sd-digits not built")
 def test_textual_inversion_learns_the_classes(tmp_path: Path) -> None:
     """Tokens initialised from an uninformative word ("a", the same for every class) learn each class from the
-    training split: s=0.9 edits toward a target go from chance to landing on it (the measured version of this, on
-    class-agnostic and code-word models, is in README / tools/finetune_sd.py --eval)."""
+    training split: s=0.9 edits toward a target go from chance to landing on it (README: "Fine-tuning the
+    generator" has the full-budget numbers from tools/finetune_sd.py --eval)."""
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     splits = build_splits(cfg.data)
     out, template = tmp_path / "ti", "a photo of the digit {token}"
@@ -271,3 +273,26 @@ def test_eval_measures_before_names_and_after(tuned: Path, base: Path, cfg: Conf
     assert ev["chance"] == pytest.approx(0.1)
     table = finetune_sd.format_eval(ev).splitlines()
     assert "names" in table[0] and "before" in table[0] and len(table) == 3
+
+
+@pytest.mark.skipif(not (AGNOSTIC_SD / "model_index.json").is_file(), reason="models/tiny-sd-digits-agnostic not built")
+def test_ti_plus_lora_teaches_a_class_agnostic_model(tmp_path: Path) -> None:
+    """The class-agnostic tiny SD cannot draw a class on request; tokens learned jointly with a rank-10 UNet LoRA
+    (Diff-Mix's TI + LoRA) on the training split make s=0.9 edits land on the target. TI alone cannot do this on a
+    model whose UNet only ever saw one prompt (README); the budget here is the smallest that measured reliably
+    above chance (1500 steps: 0.81; 800: 0.13)."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    splits = build_splits(cfg.data)
+    out, template = tmp_path / "ti-lora", "a photo"
+    finetune_sd.finetune(cfg, splits, str(AGNOSTIC_SD), out, finetune_sd.FinetuneOptions(
+        steps=2000, batch_size=32, lr=0.05, lora_rank=10, lora_lr=1e-2, warmup=20, template=template,
+        show_progress=False))
+    kw: dict[str, Any] = dict(n_edits=100, modes=("fewstep",), seed=0)
+    before = edit_target_rates(load_sd(str(AGNOSTIC_SD), CPU, torch.float32), [template] * 10, splits, **kw)
+    aug = AugConfig(model=str(AGNOSTIC_SD), prompt=template, textual_inversion=str(out), lora=str(out))
+    gen = SDEditGenerator.from_config(aug, splits.class_names, CPU)
+    assert gen.class_prompts[3] == "a photo <three>"
+    after = edit_target_rates(gen.components, gen.class_prompts, splits, **kw)
+    b, a = before["modes"]["fewstep"]["0.9"]["target_rate"], after["modes"]["fewstep"]["0.9"]["target_rate"]
+    assert b < 0.25, b  # about chance (0.1)
+    assert a >= 0.5 and a > b + 0.3, (b, a)
