@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from tiny_sd import save_tiny_sd
 
 from online_aug.config import METHODS, ConfigError, load_config, validate
+from online_aug.data import build_splits
+from online_aug.generator import SDEditGenerator, load_sd
 from online_aug.policy import target_distribution
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,8 @@ DA_FUSION_T0 = [0.25, 0.5, 0.75, 1.0]  # DA-Fusion (Trabucco et al. 2024) Table 
 DIFF_MIX_S = [0.5, 0.7, 0.9]  # Diff-Mix (Wang et al. 2024) §3.4 / §4.2
 CLASS_PROMPT = "a photo of the digit {name}"  # the class-name prompt ("a photo of a <class name>", DA-Fusion Table 1)
 AGNOSTIC = "a photo"  # DA-Fusion Table 1 "Class Agnostic Prompt", the §6.1 data-centric leakage defence
+# Diff-Mix §3.3: the "Diff-" presets use the fine-tuned generator (TI + rank-10 LoRA), committed for digits.
+FINETUNED = {"aug.textual_inversion": "models/ft-digits", "aug.lora": "models/ft-digits"}
 NO_AUG = {"aug.alpha": 0.0}
 
 # preset -> (source, {dotted key: value the paper gives})
@@ -49,7 +54,7 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
                                     "aug.prompt": AGNOSTIC}),
     "da-fusion": ("DA-Fusion §4, Table 1: intra, t0 ~ U{.25,.5,.75,1}, alpha 0.5",
                   {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
-                   "aug.prompt": CLASS_PROMPT, "aug.textual_inversion": ""}),
+                   "aug.prompt": CLASS_PROMPT, "aug.textual_inversion": "models/ti-digits"}),
     "da-fusion-leakage-free": ("DA-Fusion §6.1: data-centric defence, prompt 'a photo'",
                                {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
                                 "aug.prompt": AGNOSTIC}),
@@ -57,21 +62,21 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
                  {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.target_mode": "uniformize",
                   "aug.prompt": CLASS_PROMPT}),
     "diff-gen": ("Diff-Mix §3.4: Diff-Gen = Real-Gen with the fine-tuned SD",
-                 {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.target_mode": "uniformize"}),
+                 {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.target_mode": "uniformize", **FINETUNED}),
     "diff-aug": ("Diff-Mix §3.4, §4.2: intra with the fine-tuned SD, s ~ U{.5,.7,.9}",
-                 {"aug.alpha": 0.5, "aug.strengths": DIFF_MIX_S, "aug.target_mode": "intra"}),
+                 {"aug.alpha": 0.5, "aug.strengths": DIFF_MIX_S, "aug.target_mode": "intra", **FINETUNED}),
     "diff-mix": ("Diff-Mix §3.4, §4.2, Table 6: inter, s ~ U{.5,.7,.9}, gamma 0.5",
                  {"aug.alpha": 0.5, "aug.strengths": DIFF_MIX_S, "aug.target_mode": "inter",
-                  "aug.target_dist": "uniform", "aug.gamma": 0.5, "aug.prompt": CLASS_PROMPT}),
+                  "aug.target_dist": "uniform", "aug.gamma": 0.5, "aug.prompt": CLASS_PROMPT, **FINETUNED}),
     "diff-mix-uniformize": ("Diff-Mix §4.3, §7.4: long-tail, s = 0.7, gamma 0.5, replacement 0.5, uniformized",
                             {"aug.alpha": 0.5, "aug.strengths": [0.7], "aug.target_mode": "uniformize",
-                             "aug.gamma": 0.5}),
+                             "aug.gamma": 0.5, **FINETUNED}),
     "real-mix": ("Diff-Mix Table 2 'Real-Mix (s=0.7)'",
                  {"aug.alpha": 0.5, "aug.strengths": [0.7], "aug.target_mode": "uniformize", "aug.gamma": 0.5,
                   "aug.prompt": CLASS_PROMPT}),
     "diff-mix-cutmix": ("Diff-Mix Table 1 'Diff-Mix + Cutmix'; CutMix as its §7.4 baseline",
                         {"aug.alpha": 0.5, "aug.strengths": DIFF_MIX_S, "aug.target_mode": "inter", "aug.gamma": 0.5,
-                         "train.cutmix_alpha": 1.0, "train.mix_prob": 0.1}),
+                         "train.cutmix_alpha": 1.0, "train.mix_prob": 0.1, **FINETUNED}),
     "latent-perturbation": ("semantic-aug §3.1 (z0 + delta N(0,I)) on DA-Fusion's settings (§4.2)",
                             {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
                              "aug.latent_noise": 0.2}),
@@ -165,7 +170,10 @@ def preset_runs(tmp_path_factory) -> dict[str, Any]:
     sd = save_tiny_sd(tmp / "sd")
     overrides = [f"run.out_dir={tmp / 'runs'}", "train.steps=2", "train.batch_size=8", "train.eval_every=2",
                  "train.log_every=1", "train.warmup_steps=1", "data.image_size=16", "aug.steps=1",
-                 "aug.image_every=0", "aug.queue_depth=1", f"aug.model={sd}"]
+                 "aug.image_every=0", "aug.queue_depth=1", f"aug.model={sd}",
+                 # learned tokens / LoRA belong to the committed tiny SD, not to this random one (a mismatch is an
+                 # error by design); test_finetuned_presets_load_their_generator covers them
+                 "aug.textual_inversion=", "aug.lora="]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["HF_HUB_OFFLINE"] = "1"
     out = tmp / "results.json"
@@ -183,6 +191,21 @@ def test_preset_trains_a_few_steps(preset_runs, name):
     assert 0 <= res["top1"] <= 1
     # wait starvation and a finite tiny SD: the edited fraction is exactly the preset's alpha
     assert res["effective_alpha"] == pytest.approx(res["alpha"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, v) in PAPER.items() if v.get("aug.textual_inversion")))
+def test_finetuned_presets_load_their_generator(name):
+    """A preset that points at committed learned tokens (and LoRA) loads them onto its own committed base model:
+    the prompts carry the learned tokens, and the LoRA changed the UNet."""
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    names = build_splits(cfg.data).class_names
+    gen = SDEditGenerator.from_config(cfg.aug, names, torch.device("cpu"))
+    assert gen.class_prompts[3] == "a photo of the digit <three>", gen.class_prompts
+    if cfg.aug.lora:
+        plain = load_sd(cfg.aug.model, torch.device("cpu"), torch.float32).unet.state_dict()
+        tuned = gen.components.unet.state_dict()
+        changed = [k for k in plain if not torch.equal(plain[k], tuned[k])]
+        assert changed and all("attn" in k for k in changed), changed[:5]
 
 
 # ---------------------------------------------------------------- bad input
