@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tiny_sd import save_tiny_sd
 
+from online_aug.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,3 +61,18 @@ def test_validation_mode_reports_the_validation_split(tmp_path):
 def test_unknown_preset_is_refused_before_any_run(tmp_path):
     r = _run(["--out", str(tmp_path / "x"), "--presets", "no-such-preset"])
     assert r.returncode == 2 and "configs/no-such-preset.yaml not found" in r.stderr
+
+
+def test_model_override_drops_the_presets_learned_tokens() -> None:
+    """--model swaps the base SD: the presets' tokens / LoRA (learned on their own base) would be a load error, so
+    they are dropped and a {token} prompt falls back to the class name; without --model they stay."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import compare
+
+    args = compare.parse_args(["--out", "/tmp/x", "--model", "/tmp/sd", "--presets", "da-fusion-leakage-free"])
+    ov = compare.run_overrides(args, "da-fusion-leakage-free", 0)
+    assert {"aug.model=/tmp/sd", "aug.textual_inversion=", "aug.lora=", "aug.prompt=a photo of a {name}"} <= set(ov)
+    cfg = load_config(ROOT / "configs" / "da-fusion-leakage-free.yaml", ov)
+    assert (cfg.aug.textual_inversion, cfg.aug.lora, cfg.aug.prompt) == ("", "", "a photo of a {name}")
+    plain = compare.run_overrides(compare.parse_args(["--out", "/tmp/x", "--presets", "diff-mix"]), "diff-mix", 0)
+    assert load_config(ROOT / "configs" / "diff-mix.yaml", plain).aug.lora == "models/ft-digits"

@@ -21,6 +21,7 @@ from tiny_sd import save_tiny_sd
 from online_aug.config import METHODS, ConfigError, load_config, validate
 from online_aug.data import build_splits
 from online_aug.generator import SDEditGenerator, load_sd
+from online_aug.generator.finetuned import render_prompt
 from online_aug.policy import target_distribution
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +56,10 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
     "da-fusion": ("DA-Fusion §4, Table 1: intra, t0 ~ U{.25,.5,.75,1}, alpha 0.5",
                   {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
                    "aug.prompt": CLASS_PROMPT, "aug.textual_inversion": "models/ti-digits"}),
-    "da-fusion-leakage-free": ("DA-Fusion §6.1: data-centric defence, prompt 'a photo'",
+    "da-fusion-leakage-free": ("DA-Fusion §6.1: data-centric defence, prompt 'a photo of a <w_i>', no class name",
                                {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
-                                "aug.prompt": AGNOSTIC}),
+                                "aug.prompt": "a photo of a {token}",
+                                "aug.textual_inversion": "models/ti-digits-leakage-free"}),
     "real-gen": ("Diff-Mix §3.4, §4.3: from scratch (s=1), long-tail targets, replacement 0.5",
                  {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.target_mode": "uniformize",
                   "aug.prompt": CLASS_PROMPT}),
@@ -150,7 +152,10 @@ results = {}
 for path in paths:
     name = path.rsplit("/", 1)[-1][:-5]
     try:
-        cfg = load_config(path, overrides + [f"run.name={name}"])
+        # the random tiny SD has no learned tokens: a {token} prompt falls back to the class name
+        prompt = load_config(path).aug.prompt
+        extra = [f"aug.prompt={prompt.replace('{token}', '{name}')}"] if "{token}" in prompt else []
+        cfg = load_config(path, overrides + extra + [f"run.name={name}"])
         trainer = Trainer(cfg, show_progress=False)
         metrics = trainer.fit()
         with open(trainer.run_dir / "summary.csv") as f:
@@ -200,7 +205,17 @@ def test_finetuned_presets_load_their_generator(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     names = build_splits(cfg.data).class_names
     gen = SDEditGenerator.from_config(cfg.aug, names, torch.device("cpu"))
-    assert gen.class_prompts[3] == "a photo of the digit <three>", gen.class_prompts
+    assert gen.class_prompts[3] == render_prompt(cfg.aug.prompt, "three", "<three>"), gen.class_prompts
+    assert "<three>" in gen.class_prompts[3]
+    if "leakage-free" in name:
+        # No class name reaches the model: the learned token is one new id (its string is only a label), no id of a
+        # class-name word is in any prompt, and the tokens were initialised from "a", not from the names.
+        tok = gen.components.tokenizer
+        name_ids = {i for n in names for i in tok.encode(n, add_special_tokens=False)}
+        for prompt in gen.class_prompts:
+            assert not name_ids & set(tok.encode(prompt, add_special_tokens=False)), prompt
+        manifest = json.loads((Path(cfg.aug.textual_inversion) / "manifest.json").read_text())
+        assert set(manifest["init_words"]) == {"a"}
     if cfg.aug.lora:
         plain = load_sd(cfg.aug.model, torch.device("cpu"), torch.float32).unet.state_dict()
         tuned = gen.components.unet.state_dict()

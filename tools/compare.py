@@ -33,6 +33,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from online_aug.config import load_config  # noqa: E402  (light: dataclasses + yaml, no torch)
+
 DEFAULT_PRESETS = ["baseline", "real-guidance", "real-gen", "diff-mix", "diff-mix-uniformize"]
 METRICS = [("top1", "top-1"), ("balanced_acc", "balanced"), ("acc_many", "many"), ("acc_medium", "medium"),
            ("acc_few", "few")]
@@ -47,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="run.seed values; the data split stays fixed (default: 0 1 2, or 0 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="train.steps for every run (default: the presets')")
-    p.add_argument("--model", default=None, help="aug.model for every augmented run (default: the presets')")
+    p.add_argument("--model", default=None, help="aug.model for every augmented run (default: the presets'); the "
+                   "presets' learned tokens / LoRA are dropped (they belong to their own base model)")
     p.add_argument("--val", action="store_true",
                    help="evaluate on a validation split carved from training data (for tuning), not on test")
     p.add_argument("--val-fraction", type=float, default=0.2, help="data.val_fraction used by --val")
@@ -78,6 +83,12 @@ def run_overrides(args: argparse.Namespace, preset: str, seed: int) -> list[str]
         out += QUICK_OVERRIDES + ["train.warmup_steps=1"]
     if args.model:
         out.append(f"aug.model={args.model}")
+        # A preset's learned tokens / LoRA belong to its own base model (loading them onto another is an error):
+        # drop them, and let a {token} prompt fall back to the class name. --set can add ones learned on --model.
+        out += ["aug.textual_inversion=", "aug.lora="]
+        prompt = load_config(ROOT / "configs" / f"{preset}.yaml").aug.prompt
+        if "{token}" in prompt:
+            out.append(f"aug.prompt={prompt.replace('{token}', '{name}')}")
     if args.val:
         out += [f"data.val_fraction={args.val_fraction}", "train.eval_split=val"]
     return out + list(args.set)

@@ -26,11 +26,15 @@ Output folder (``--out``), every file in a format diffusers reads:
 
 Use it in a run with ``aug.textual_inversion=<out>`` (and ``aug.lora=<out>``).
 
+``--eval`` judges s=0.9 inter-class edits three ways: class names in the template, the tokens at their initial
+values ("before"), and the saved folder loaded by the generator ("after"). On the class-agnostic tiny SD TI alone
+stays at chance (its UNet never learned to read its text input) while TI + LoRA reaches 0.885; README has the table.
+
 Usage::
 
     python tools/finetune_sd.py --config configs/demo.yaml --out models/ti-digits --steps 600 --eval
     python tools/finetune_sd.py --config configs/demo.yaml --model models/tiny-sd-digits-agnostic \\
-        --template "a photo" --out /tmp/ti-lora --lora-rank 4 --eval
+        --template "a photo" --out /tmp/ti-lora --steps 3000 --lr 0.05 --lora-rank 10 --lora-lr 1e-2 --eval
 """
 
 from __future__ import annotations
