@@ -46,6 +46,11 @@ def test_quick_comparison_writes_csv_table_and_plot(tmp_path):
     r2 = _run(["--out", str(out), "--quick", "--model", str(sd), "--presets", "baseline"])
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert len(list((out / "runs").glob("*-baseline-seed0"))) == 1
+    # ... but not when the settings changed since (an edited preset, another override): that run trains again
+    r3 = _run(["--out", str(out), "--quick", "--model", str(sd), "--presets", "baseline", "--set", "train.lr=0.001"])
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert "finished with other settings (train.lr)" in r3.stderr
+    assert len(list((out / "runs").glob("*-baseline-seed0"))) == 2
 
 
 def test_validation_mode_reports_the_validation_split(tmp_path):

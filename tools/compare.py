@@ -14,8 +14,9 @@ test numbers only for the final choice.
     python tools/compare.py --out reports/tune --val --presets diff-mix-uniformize --set aug.gamma=0.1
     python tools/compare.py --out /tmp/q --quick --model /tmp/tiny-sd      # smoke test: 2 presets, 1 seed, 2 steps
 
-Runs that already finished under ``<out>/runs`` with the same name and step count are reused (an interrupted
-comparison continues where it stopped); ``--fresh`` ignores them.
+Runs that already finished under ``<out>/runs`` with the same name and the same resolved config are reused (an
+interrupted comparison continues where it stopped; a changed preset or override trains again); ``--fresh`` ignores
+them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -94,17 +97,27 @@ def run_overrides(args: argparse.Namespace, preset: str, seed: int) -> list[str]
     return out + list(args.set)
 
 
-def finished_run(runs: Path, name: str, steps: int | None) -> Path | None:
-    """The newest run folder of this name whose summary.csv reached the final step (None if there is none)."""
+def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
+    """The newest run folder of this name that reached its final step with exactly the config ``want`` (the
+    resolved config this comparison would run, as a dict); None if there is none.
+
+    Matching the whole resolved config, not just the name and step count, means a preset edited since (say, pointed
+    at a fine-tuned generator) is rerun instead of silently reusing results of the old settings.
+    """
     for run in sorted(runs.glob(f"*-{name}"), reverse=True):
         rows = read_summary(run)
-        cfg = run / "config.yaml"
-        if rows and cfg.is_file():
-            import yaml
-
-            want = steps or int(yaml.safe_load(cfg.read_text())["train"]["steps"])
-            if int(rows[-1]["step"]) == want:
-                return run
+        if not rows or not (run / "config.yaml").is_file():
+            continue
+        try:
+            got = asdict(load_config(run / "config.yaml"))
+        except Exception:  # written by another version (a key renamed since): not comparable, so not reused
+            continue
+        if got != want:
+            diff = [f"{sec}.{k}" for sec in want for k in want[sec] if got.get(sec, {}).get(k) != want[sec][k]]
+            print(f"note: {run} finished with other settings ({', '.join(diff[:4])}); not reused", file=sys.stderr)
+            continue
+        if int(rows[-1]["step"]) == int(want["train"]["steps"]):
+            return run
     return None
 
 
@@ -120,12 +133,14 @@ def train_one(args: argparse.Namespace, preset: str, seed: int, logs: Path) -> t
     """Run train.py for one (preset, seed); returns its run folder and wall time. Raises with the log's tail."""
     runs = Path(args.out) / "runs"
     name = f"{preset}-seed{seed}"
-    if not args.fresh and (done := finished_run(runs, name, args.steps)) is not None:
+    overrides = run_overrides(args, preset, seed)
+    want = asdict(load_config(ROOT / "configs" / f"{preset}.yaml", overrides))
+    if not args.fresh and (done := finished_run(runs, name, want)) is not None:
         wall = done / "compare_wall_s.txt"
         return done, float(wall.read_text()) if wall.is_file() else math.nan
     before = set(runs.glob(f"*-{name}"))
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{preset}.yaml"),
-           *run_overrides(args, preset, seed)]
+           *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("HF_HUB_OFFLINE", "1")  # the comparison uses local models only; never wait on the network
     log = logs / f"{name}.log"
