@@ -33,12 +33,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from online_aug.config import load_config  # noqa: E402  (light: dataclasses + yaml, no torch)
+from online_aug.config import ConfigError, load_config  # noqa: E402  (light: dataclasses + yaml, no torch)
 
 DEFAULT_PRESETS = ["baseline", "real-guidance", "real-gen", "diff-mix", "diff-mix-uniformize"]
 METRICS = [("top1", "top-1"), ("balanced_acc", "balanced"), ("acc_many", "many"), ("acc_medium", "medium"),
@@ -110,7 +111,7 @@ def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
             continue
         try:
             got = asdict(load_config(run / "config.yaml"))
-        except Exception:  # written by another version (a key renamed since): not comparable, so not reused
+        except (ConfigError, OSError, yaml.YAMLError):  # another version's keys, or unreadable: not reused
             continue
         if got != want:
             diff = [f"{sec}.{k}" for sec in want for k in want[sec] if got.get(sec, {}).get(k) != want[sec][k]]
