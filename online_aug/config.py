@@ -54,7 +54,14 @@ class DataConfig:
     split_seed: int = doc(0, "Seed of the train/test split and long-tail subsample (fixed across run seeds, so a "
                                 "generator trained on the training split never sees a test image).")
     test_fraction: float = doc(0.3, "Stratified test fraction for digits / imagefolder without test_root.")
-    val_fraction: float = doc(0.0, "Fraction of the (long-tail) training split held out for validation choices.")
+    val_per_class: int = doc(0, "Balanced validation split: this many training images per class, held out before "
+                                "the pool and the long-tail subsample (every choice is made on it).")
+    pool_fraction: float = doc(0.0, "Generator pool: stratified fraction of the remaining training images that the "
+                                    "classifier never sees (a generator may be pretrained on it; tools --data pool).")
+    train_with_pool: bool = doc(False, "Add the pool's real images to the classifier's training split (the "
+                                       "'more real data' upper bound).")
+    val_fraction: float = doc(0.0, "Legacy: fraction of the long-tail training split held out for validation "
+                                   "(prefer val_per_class).")
     imbalance_ratio: float = doc(1.0, "Long-tail ratio n_max/n_min (>= 1; 1 keeps the data balanced).")
     class_order_seed: int = doc(0, "Seed of the class order used by the long-tail profile (-1 keeps 0..C-1).")
     many_threshold: int = doc(100, "Classes with more training images than this are 'many'-shot.")
@@ -93,7 +100,7 @@ class TrainConfig:
     keep_last: int = doc(2, "Checkpoints to keep.")
     eval_batch_size: int = doc(256, "Per-rank eval batch size.")
     eval_split: Literal["test", "val"] = doc(
-        "test", "Split evaluated during and after training; 'val' (needs data.val_fraction > 0) for tuning."
+        "test", "Split evaluated during and after training; 'val' (needs data.val_per_class or val_fraction) for tuning."
     )
     randaugment: str = doc("", "timm RandAugment spec for real images, e.g. 'rand-m9-mstd0.5' (empty: off).")
     mixup_alpha: float = doc(0.0, "timm Mixup alpha (0 disables).")
@@ -262,6 +269,14 @@ def validate(cfg: Config, *, cuda_available: bool | None = None, world_size: int
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.val_per_class < 0:
+        raise ConfigError(f"data.val_per_class must be >= 0, got {d.val_per_class}")
+    if d.val_per_class and d.val_fraction:
+        raise ConfigError("data.val_per_class and data.val_fraction both set: keep one (val_per_class is balanced)")
+    if not 0 <= d.pool_fraction < 1:
+        raise ConfigError(f"data.pool_fraction must be in [0, 1), got {d.pool_fraction}")
+    if d.train_with_pool and d.pool_fraction <= 0:
+        raise ConfigError("data.train_with_pool=true needs a pool: set data.pool_fraction (e.g. 0.5)")
     if d.few_threshold > d.many_threshold:
         raise ConfigError("data.few_threshold must be <= data.many_threshold")
     if d.image_size < 8:
@@ -298,8 +313,8 @@ def validate(cfg: Config, *, cuda_available: bool | None = None, world_size: int
                           "applies its own smoothing; set train.label_smoothing=0")
     if (t.mixup_alpha > 0 or t.cutmix_alpha > 0) and ((t.micro_batch_size or per_rank) % 2):
         raise ConfigError("Mixup/CutMix need an even micro-batch (train.micro_batch_size or batch_size/world)")
-    if t.eval_split == "val" and d.val_fraction <= 0:
-        raise ConfigError("train.eval_split=val needs a validation split: set data.val_fraction (e.g. 0.2)")
+    if t.eval_split == "val" and d.val_fraction <= 0 and d.val_per_class <= 0:
+        raise ConfigError("train.eval_split=val needs a validation split: set data.val_per_class (e.g. 10)")
     # augmentation
     if a.method not in METHODS:
         raise ConfigError(f"aug.method={a.method!r} is unknown; use one of {', '.join(METHODS)} "

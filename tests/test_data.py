@@ -28,6 +28,11 @@ def test_longtail_counts_cifar10_ratio_100() -> None:
     assert sum(counts) == 12406
 
 
+def test_longtail_counts_clamp_the_tail_at_one() -> None:
+    assert longtail_counts(56, 10, 100) == [56, 33, 20, 12, 7, 4, 2, 1, 1, 1]
+    assert longtail_counts(5, 4, 1000) == [5, 1, 1, 1]
+
+
 def test_longtail_counts_edge_cases() -> None:
     assert longtail_counts(40, 4, 1) == [40, 40, 40, 40]
     assert longtail_counts(7, 1, 50) == [7]
@@ -216,13 +221,13 @@ def test_truncated_jpeg_is_named(tmp_path: Path) -> None:
         build_splits(DataConfig(dataset="imagefolder", root=str(root), image_size=8))
 
 
-def test_ratio_that_empties_a_class_names_it(tmp_path: Path) -> None:
+def test_ratio_above_the_head_count_keeps_one_image_per_tail_class(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "imgs", per_class=10)  # 7 training images per class after the split
-    # profile 7, int(7 / sqrt(50)) = 0, int(7 / 50) = 0: the second class in the seeded order is left empty
-    emptied = CLASSES[class_order(3, 0)[1]]
-    with pytest.raises(ConfigError, match=re.escape(repr(emptied))) as e:
-        build_splits(DataConfig(dataset="imagefolder", root=str(root), image_size=8, imbalance_ratio=50.0))
-    assert "data.imbalance_ratio" in str(e.value)
+    # profile 7, max(1, int(7 / sqrt(50))) = 1, max(1, int(7 / 50)) = 1: the tail clamp (Diff-Mix CUB-LT IF 100)
+    s = build_splits(DataConfig(dataset="imagefolder", root=str(root), image_size=8, imbalance_ratio=50.0))
+    got = s.train.class_counts()
+    order = class_order(3, 0)
+    assert [got[c] for c in order] == [7, 1, 1]
 
 
 def test_empty_or_missing_image_folder(tmp_path: Path) -> None:
@@ -231,3 +236,83 @@ def test_empty_or_missing_image_folder(tmp_path: Path) -> None:
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(ConfigError, match="cat"):
         build_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "empty")))
+
+
+# ---------------------------------------------------------------- the split protocol (test / val / pool / train)
+
+PROTOCOL = dict(dataset="digits", image_size=8, imbalance_ratio=100.0, val_per_class=10, pool_fraction=0.5)
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    return build_splits(DataConfig(**PROTOCOL))
+
+
+def test_protocol_parts_are_disjoint_by_index_and_content(protocol) -> None:
+    parts = {n: set(getattr(protocol, n).index.tolist()) for n in ("train", "val", "test", "pool")}
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not parts[a] & parts[b], (a, b)
+    # by content too (the index is what generators record; the pixels are what would leak)
+    assert not _keys(protocol.pool.images) & _keys(protocol.test.images)
+    assert not _keys(protocol.val.images) & _keys(protocol.train.images)
+
+
+def test_protocol_counts_and_balance(protocol) -> None:
+    assert protocol.val.class_counts() == [10] * 10  # balanced validation
+    test_counts = protocol.test.class_counts()
+    assert max(test_counts) - min(test_counts) <= 3  # stratified 30 % of digits (174 ... 183 images per class)
+    pool = protocol.pool.class_counts()
+    assert min(pool) >= 50 and max(pool) - min(pool) <= 4  # stratified half of the rest
+    counts = sorted(protocol.train.class_counts(), reverse=True)
+    assert counts[-1] == 1 and counts[0] >= 50 and counts[0] / counts[-1] >= 50  # IF 100, tail clamped at 1
+    assert len(protocol.test) == 540 and len(protocol.val) == 100
+
+
+def test_pool_does_not_depend_on_the_imbalance_ratio(protocol) -> None:
+    other = build_splits(DataConfig(**{**PROTOCOL, "imbalance_ratio": 20.0}))
+    assert np.array_equal(other.pool.index, protocol.pool.index)
+    assert np.array_equal(other.val.index, protocol.val.index)
+    balanced = build_splits(DataConfig(**{**PROTOCOL, "imbalance_ratio": 1.0}))
+    assert set(protocol.train.index.tolist()) <= set(balanced.train.index.tolist())
+
+
+def test_train_with_pool_is_the_upper_bound_split(protocol) -> None:
+    up = build_splits(DataConfig(**PROTOCOL, train_with_pool=True))
+    assert len(up.train) == len(protocol.train) + len(protocol.pool)
+    assert np.array_equal(up.test.index, protocol.test.index)
+
+
+def test_generator_that_saw_val_or_test_images_is_refused(protocol) -> None:
+    from online_aug.data import check_generator_data, seen_record
+
+    cfg = DataConfig(**PROTOCOL)
+    check_generator_data(seen_record(cfg, protocol.pool, "pool"), protocol, "pool/build_info.json")
+    check_generator_data(seen_record(cfg, protocol.train, "train"), protocol, "lt/build_info.json")
+    leaky = seen_record(cfg, protocol.pool.concat(protocol.val), "pool")
+    with pytest.raises(ConfigError, match=r"leaky/build_info.json.*val split"):
+        check_generator_data(leaky, protocol, "leaky/build_info.json")
+    with pytest.raises(ConfigError, match="test split"):
+        check_generator_data(seen_record(cfg, protocol.test, "test"), protocol, "t/build_info.json")
+
+
+@pytest.mark.parametrize(
+    ("over", "named"),
+    [
+        ({"val_per_class": 200}, "data.val_per_class"),  # a class cannot give 200 validation images
+        ({"pool_fraction": 0.001}, "data.pool_fraction"),  # a pool with no image of some class
+    ],
+)
+def test_impossible_protocol_names_the_key(over: dict, named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        build_splits(DataConfig(**{**PROTOCOL, **over}))
+
+
+def test_protocol_config_errors() -> None:
+    with pytest.raises(ConfigError, match="data.train_with_pool"):
+        load_config(None, ["data.train_with_pool=true"])
+    with pytest.raises(ConfigError, match="data.val_per_class and data.val_fraction"):
+        load_config(None, ["data.val_per_class=5", "data.val_fraction=0.2"])
+    with pytest.raises(ConfigError, match="data.pool_fraction"):
+        load_config(None, ["data.pool_fraction=1.5"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -57,7 +58,7 @@ from tqdm.auto import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from online_aug.config import Config, load_config  # noqa: E402
-from online_aug.data import LabeledImages, Splits, build_splits  # noqa: E402
+from online_aug.data import LabeledImages, Splits, build_splits, seen_record  # noqa: E402
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 16  # prompts here are ~7 tokens; a short context keeps cross-attention cheap
@@ -72,6 +73,7 @@ class BuildOptions:
     batch_size: int = 128
     resolution: int = 16
     seed: int = 0
+    data: str = "train"  # which split part the model is trained on: train (the classifier's) or pool
     prompt: str = ""  # empty: cfg.aug.prompt
     class_names: list[str] = field(default_factory=list)  # empty: cfg.aug.class_names or the dataset's
     cfg_dropout: float = 0.1
@@ -335,15 +337,8 @@ def build_tiny_sd(cfg: Config, splits: Splits, out: str | Path, opts: BuildOptio
     pipe.save_pretrained(out, safe_serialization=True)
     save_tokenizer_files(tok, out / "tokenizer")
 
-    d = cfg.data
     record: dict[str, Any] = {
-        "data": {
-            "dataset": d.dataset, "split": "train (long-tail training split; no test or val image)",
-            "split_seed": d.split_seed, "imbalance_ratio": d.imbalance_ratio, "class_order_seed": d.class_order_seed,
-            "test_fraction": d.test_fraction, "val_fraction": d.val_fraction, "image_size": d.image_size,
-            "num_train": len(splits.train), "class_names": splits.class_names,
-            "class_counts": splits.train.class_counts(),
-        },
+        "data": {**seen_record(cfg.data, splits.train, opts.data), "class_names": splits.class_names},
         "prompt_template": template, "prompt_class_names": names,
         "options": {k: v for k, v in asdict(opts).items() if k != "show_progress"},
         "params": {k: count_params(parts[k]) for k in ("vae", "unet", "text_encoder")},
@@ -383,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--resolution", type=int, default=d.resolution, help="image side in pixels (latents are half)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data", choices=("train", "pool"), default=d.data,
+                   help="split part to train on: the classifier's long-tail training split, or the generator pool "
+                        "(data.pool_fraction; images the classifier never sees)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the UNet + text encoder")
     p.add_argument("--prompt", default="", help="prompt template overriding aug.prompt; '{name}' is optional "
                                                 "(e.g. 'a photo' trains a class-agnostic model)")
@@ -406,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = load_config(args.config, args.overrides)
     splits = build_splits(cfg.data)
+    # the builder and its gate see only the chosen part (never val or test); build_info.json records its indices
+    splits = dataclasses.replace(splits, train=splits.part(args.data))
     opts = BuildOptions(steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size,
-                        resolution=args.resolution, seed=args.seed, prompt=args.prompt, lr=args.lr,
+                        resolution=args.resolution, seed=args.seed, prompt=args.prompt, lr=args.lr, data=args.data,
                         show_progress=not args.no_progress)
     t0 = time.perf_counter()
     # Build into a sibling temp folder and swap at the end: a failed or interrupted build never destroys a

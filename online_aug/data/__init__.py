@@ -1,5 +1,15 @@
-from .datasets import DIGIT_NAMES, LabeledImages, Splits, build_splits, scan_image_folder
+from .datasets import (
+    DIGIT_NAMES,
+    PARTS,
+    LabeledImages,
+    Splits,
+    build_splits,
+    check_disjoint,
+    check_generator_data,
+    scan_image_folder,
+    seen_record,
+)
 from .longtail import class_order, longtail_counts, longtail_indices
 
-__all__ = ["DIGIT_NAMES", "LabeledImages", "Splits", "build_splits", "scan_image_folder", "class_order",
-           "longtail_counts", "longtail_indices"]
+__all__ = ["DIGIT_NAMES", "PARTS", "LabeledImages", "Splits", "build_splits", "check_disjoint", "check_generator_data",
+           "scan_image_folder", "seen_record", "class_order", "longtail_counts", "longtail_indices"]

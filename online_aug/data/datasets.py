@@ -25,9 +25,12 @@ class LabeledImages(Dataset):
     """Images (an in-memory uint8 array [N, H, W, 3] or a list of files) with integer labels."""
 
     def __init__(self, images: np.ndarray | list[Path], labels: np.ndarray, class_names: list[str],
-                 image_size: int, transform=None):
+                 image_size: int, transform=None, index: np.ndarray | None = None):
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
+        # identity of each image in the whole data set (train and test numbered apart): what the split protocol
+        # checks for overlap and what a generator's build_info.json records as "seen"
+        self.index = np.arange(len(self.labels), dtype=np.int64) if index is None else np.asarray(index, np.int64)
         self.class_names = list(class_names)
         self.image_size = image_size
         self.transform = transform  # PIL -> PIL (e.g. RandAugment); resize and to-tensor happen here
@@ -64,14 +67,52 @@ class LabeledImages(Dataset):
 
     def subset(self, idx: np.ndarray, transform=None) -> LabeledImages:
         imgs = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
-        return LabeledImages(imgs, self.labels[idx], self.class_names, self.image_size, transform)
+        return LabeledImages(imgs, self.labels[idx], self.class_names, self.image_size, transform, self.index[idx])
+
+    def concat(self, other: LabeledImages) -> LabeledImages:
+        if isinstance(self.images, np.ndarray) and isinstance(other.images, np.ndarray):
+            imgs = np.concatenate([self.images, other.images])
+        else:
+            imgs = list(self.images) + list(other.images)
+        return LabeledImages(imgs, np.concatenate([self.labels, other.labels]), self.class_names, self.image_size,
+                             self.transform, np.concatenate([self.index, other.index]))
+
+    def tensors(self, resolution: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """All images as one float tensor [N, 3, S, S] in [0, 1] (no transform), resized to ``resolution``."""
+        if isinstance(self.images, np.ndarray):
+            x = torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div(255)
+        else:
+            x = torch.stack([torch.from_numpy(np.asarray(self.pil(i), dtype=np.uint8).copy()).permute(2, 0, 1)
+                             for i in range(len(self))]).float().div(255)
+        if resolution is not None and x.shape[-1] != resolution:
+            x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
+                                                align_corners=False).clamp(0, 1)
+        return x, self.labels
+
+
+PARTS = ("train", "val", "test", "pool")
 
 
 @dataclass
 class Splits:
+    """The split protocol: four disjoint parts of one data set.
+
+    ``test`` (balanced, evaluation only), ``val`` (every choice is made on it), ``train`` (the classifier's long-tail
+    subset) and ``pool`` (images the classifier never sees; a generator may be pretrained on them, standing in for
+    Stable Diffusion's pretraining data). ``data.train_with_pool`` adds the pool to ``train`` (the upper bound).
+    """
+
     train: LabeledImages
     val: LabeledImages | None
     test: LabeledImages
+    pool: LabeledImages | None = None
+
+    def part(self, name: str) -> LabeledImages:
+        got = getattr(self, name, None) if name in PARTS else None
+        if got is None:
+            hint = {"pool": "set data.pool_fraction", "val": "set data.val_per_class"}.get(name, "")
+            raise ConfigError(f"split part {name!r} is not available; {hint or 'use one of ' + ', '.join(PARTS)}")
+        return got
 
     @property
     def class_names(self) -> list[str]:
@@ -146,8 +187,32 @@ def _stratified_split(labels: np.ndarray, fraction: float, seed: int,
     return np.sort(a), np.sort(b)
 
 
+def _take_per_class(labels: np.ndarray, k: int, rng: np.random.Generator, names: list[str]) -> np.ndarray:
+    """k positions of every class (seeded), or a ConfigError naming data.val_per_class."""
+    out = []
+    for c, name in enumerate(names):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) <= k:
+            raise ConfigError(f"data.val_per_class={k}: class {name!r} has only {len(idx)} training images and "
+                              f"needs at least one left for training; lower data.val_per_class")
+        out.append(rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def _rest(n: int, taken: np.ndarray) -> np.ndarray:
+    mask = np.ones(n, dtype=bool)
+    mask[taken] = False
+    return np.flatnonzero(mask)
+
+
 def build_splits(cfg: DataConfig, train_transform=None) -> Splits:
-    """Train (long-tail), optional validation (carved from train) and balanced test splits."""
+    """The split protocol (see :class:`Splits`), in this order, each step seeded by ``data.split_seed``:
+
+    test (stratified ``test_fraction``, or CIFAR's / ``test_root``'s own) → val (``val_per_class`` per class) →
+    pool (stratified ``pool_fraction`` of the rest) → long-tail subsample of what is left → legacy ``val_fraction``
+    (carved from the long-tail subset). The pool does not depend on the imbalance ratio, so one pretrained generator
+    serves every IF.
+    """
     size, seed = cfg.image_size, cfg.split_seed
     if cfg.dataset == "digits":
         x, y, names = _digits(size)
@@ -157,14 +222,16 @@ def build_splits(cfg: DataConfig, train_transform=None) -> Splits:
     elif cfg.dataset in ("cifar10", "cifar100"):
         xtr, ytr, names = _cifar(cfg, True)
         xte, yte, _ = _cifar(cfg, False)
-        train, test = LabeledImages(xtr, ytr, names, size), LabeledImages(xte, yte, names, size)
+        train = LabeledImages(xtr, ytr, names, size)
+        test = LabeledImages(xte, yte, names, size, index=len(ytr) + np.arange(len(yte)))
     elif cfg.dataset == "imagefolder":
         files, y, names = scan_image_folder(cfg.root)
         if cfg.test_root:
             tfiles, ty, tnames = scan_image_folder(cfg.test_root)
             if tnames != names:
                 raise ConfigError(f"data.test_root classes {tnames} differ from data.root classes {names}")
-            train, test = LabeledImages(files, y, names, size), LabeledImages(tfiles, ty, names, size)
+            train = LabeledImages(files, y, names, size)
+            test = LabeledImages(tfiles, ty, names, size, index=len(y) + np.arange(len(ty)))
         else:
             full = LabeledImages(files, y, names, size)
             tr, te = _stratified_split(y, cfg.test_fraction, seed)
@@ -172,12 +239,18 @@ def build_splits(cfg: DataConfig, train_transform=None) -> Splits:
     else:  # guarded by the config's Literal, kept for programmatic callers
         raise ConfigError(f"data.dataset={cfg.dataset!r} is unknown; use digits, cifar10, cifar100 or imagefolder")
 
+    val = pool = None
+    if cfg.val_per_class > 0:
+        va = _take_per_class(train.labels, cfg.val_per_class, np.random.default_rng([seed, 1]), names)
+        val, train = train.subset(va), train.subset(_rest(len(train), va))
+    if cfg.pool_fraction > 0:
+        rest, po = _stratified_split(train.labels, cfg.pool_fraction, seed + 2, "data.pool_fraction")
+        pool, train = train.subset(po), train.subset(rest)
     if cfg.imbalance_ratio > 1:
         rng = np.random.default_rng(seed)
         keep = longtail_indices(train.labels, train.num_classes, cfg.imbalance_ratio, cfg.class_order_seed, rng,
                                 train.class_names)
         train = train.subset(keep)
-    val = None
     if cfg.val_fraction > 0:
         tr, va = _stratified_split(train.labels, cfg.val_fraction, seed + 1, "data.val_fraction")
         train, val = train.subset(tr), train.subset(va)
@@ -185,5 +258,56 @@ def build_splits(cfg: DataConfig, train_transform=None) -> Splits:
         if n == 0:
             raise ConfigError(f"class {train.class_names[c]!r} has no training images after the long-tail/val "
                               f"split; lower data.imbalance_ratio or data.val_fraction")
+    if pool is not None:
+        for c, n in enumerate(pool.class_counts()):
+            if n == 0:
+                raise ConfigError(f"data.pool_fraction={cfg.pool_fraction}: class {names[c]!r} has no pool image; "
+                                  f"raise data.pool_fraction")
+    if cfg.train_with_pool:
+        if pool is None:
+            raise ConfigError("data.train_with_pool=true needs a pool: set data.pool_fraction")
+        train = train.concat(pool)
+    splits = Splits(train, val, test, pool)
+    check_disjoint(splits)
     train.transform = train_transform
-    return Splits(train, val, test)
+    return splits
+
+
+def check_disjoint(splits: Splits, allow_train_pool: bool = True) -> None:
+    """No image is in two parts (the pool may be inside train only under data.train_with_pool)."""
+    parts = {n: set(getattr(splits, n).index.tolist()) for n in PARTS if getattr(splits, n) is not None}
+    for i, a in enumerate(PARTS):
+        for b in PARTS[i + 1:]:
+            if a in parts and b in parts and parts[a] & parts[b] and not (allow_train_pool and {a, b} == {"train",
+                                                                                                        "pool"}):
+                raise ConfigError(f"split parts {a!r} and {b!r} share {len(parts[a] & parts[b])} images; "
+                                  f"check data.val_per_class / data.pool_fraction")
+
+
+def check_generator_data(record: dict, splits: Splits, source: str) -> None:
+    """A generator may have seen train or pool images, never val or test ones.
+
+    ``record`` is the ``data`` block of a generator's build_info.json (or a fine-tuned folder's manifest) with
+    ``dataset`` and ``indices``; ``source`` names the file for the error message.
+    """
+    if not record or "indices" not in record:
+        return  # a generator with no record (a hub model): its pretraining data is outside this data set
+    seen = set(int(i) for i in record["indices"])
+    for name in ("val", "test"):
+        part = getattr(splits, name)
+        if part is None:
+            continue
+        shared = seen & set(part.index.tolist())
+        if shared:
+            raise ConfigError(f"{source} says the generator saw {len(shared)} images of this run's {name} split "
+                              f"(dataset {record.get('dataset')!r}); rebuild it with --data pool or --data train, "
+                              f"or change data.split_seed back to the one it was built with")
+
+
+def seen_record(cfg: DataConfig, part: LabeledImages, name: str) -> dict:
+    """What a generator trained on ``part`` saw: written to build_info.json / the fine-tuned manifest."""
+    return {"dataset": cfg.dataset, "part": name, "split_seed": cfg.split_seed, "test_fraction": cfg.test_fraction,
+            "val_per_class": cfg.val_per_class, "pool_fraction": cfg.pool_fraction,
+            "imbalance_ratio": cfg.imbalance_ratio, "class_order_seed": cfg.class_order_seed,
+            "image_size": cfg.image_size, "num_images": len(part), "class_counts": part.class_counts(),
+            "indices": sorted(part.index.tolist())}
