@@ -1,7 +1,8 @@
 """One augmentation step: plan (policy) → edit (generator) → guard/filter → merge into the batch.
 
-:class:`Augmenter` is what the background producer runs for every micro-batch, and also what the synchronous path
-(``aug.prefetch=false``) runs inside the training step; both give the same batch for the same (seed, rank, step).
+:class:`Augmenter` is the ``augment(images, labels, step) -> Batch`` callable that the background producer
+(:mod:`online_aug.prefetch`) runs for every micro-batch, and that the synchronous path (``aug.prefetch=false``,
+:mod:`online_aug.sources`) runs inside the training step; both give the same batch for the same (seed, rank, step).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .batches import Batch
+from .batches import Batch, no_edit_stats
 from .config import Config
 from .policy import AugPolicy, step_rng
 
@@ -22,9 +23,10 @@ EditFilter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class Augmenter:
     """Turns a real micro-batch into an online-augmented one."""
 
-    def __init__(self, policy: AugPolicy, generator, device: torch.device, seed: int, rank: int,
+    def __init__(self, policy: AugPolicy, editor, device: torch.device, seed: int, rank: int,
                  class_names: list[str], example_every: int = 0, edit_filter: EditFilter | None = None):
-        self.policy, self.generator, self.device = policy, generator, device
+        # editor: the frozen SD wrapper (SDEditGenerator) or any object with its edit(images, s, targets, generator)
+        self.policy, self.editor, self.device = policy, editor, device
         self.seed, self.rank, self.class_names = seed, rank, class_names
         self.example_every, self.edit_filter = example_every, edit_filter
         self.num_classes = policy.num_classes
@@ -36,14 +38,14 @@ class Augmenter:
         plan = self.policy.plan(labels, rng)
         targets = plan.soft_label.to(self.device, non_blocking=True)
         b, m = len(labels), plan.num_edits
-        stats = {"aug/effective_alpha": 0.0, "aug/nonfinite_dropped": 0.0, "aug/filtered": 0.0}
+        stats = no_edit_stats()
         examples = None
         if m:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
+            noise_rng = torch.Generator(device=self.device)  # the SDEdit noise, seeded from this step's rng
+            noise_rng.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
             idx = plan.index.to(self.device)
             src = images[idx]
-            edited, keep = self.generator.edit(src, plan.strength, plan.target, generator=g)
+            edited, keep = self.editor.edit(src, plan.strength, plan.target, generator=noise_rng)
             nonfinite = (~keep).sum()
             filtered = torch.zeros((), dtype=torch.long, device=self.device)
             if self.edit_filter is not None:
@@ -57,7 +59,7 @@ class Augmenter:
             targets[idx] = torch.where(keep.view(-1, 1), targets[idx], hard)
             # the producer runs off the trainer's path, so reading these counts back here costs the trainer nothing
             kept = int(keep.sum())
-            stats = {"aug/effective_alpha": kept / b, "aug/nonfinite_dropped": float(nonfinite),
+            stats = {**stats, "aug/effective_alpha": kept / b, "aug/nonfinite_dropped": float(nonfinite),
                      "aug/filtered": float(filtered)}
             if self.example_every and step % self.example_every == 0:
                 examples = self._examples(src, edited, plan, targets[idx])
@@ -77,46 +79,16 @@ class Augmenter:
                 "captions": captions}
 
 
-class SyncAugmentedSource:
-    """The synchronous path: the edit runs inside the training step (the benchmark's comparison point)."""
-
-    def __init__(self, loader, augmenter: Augmenter, device: torch.device, start: int):
-        self.it, self.augmenter, self.device, self.step = iter(loader), augmenter, device, start
-
-    def __next__(self) -> Batch:
-        x, y = next(self.it)
-        t0 = time.perf_counter()
-        batch = self.augmenter(x.to(self.device, non_blocking=True), y, self.step)
-        batch.stats["aug/stall_ms"] = 1000 * (time.perf_counter() - t0)  # the trainer waited for all of it
-        batch.stats["aug/queue_depth"] = 0.0
-        self.step += 1
-        return batch
-
-    def release(self, batch: Batch) -> None: ...
-
-    def close(self) -> None: ...
-
-
 def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum: int = 1) -> Augmenter:
-    """Policy + generator (+ CLIP filter) for this run."""
+    """Policy + frozen SD (+ CLIP filter) for this run."""
     from .generator import SDEditGenerator
 
     policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts())
-    generator = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
+    editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
     edit_filter = None
     if cfg.aug.filter_fraction > 0:
         from .generator.clip_filter import build_clip_filter
 
         edit_filter = build_clip_filter(cfg.aug, splits.class_names, device)
-    return Augmenter(policy, generator, device, cfg.run.seed, rank, cfg.aug.class_names or splits.class_names,
+    return Augmenter(policy, editor, device, cfg.run.seed, rank, cfg.aug.class_names or splits.class_names,
                      example_every=cfg.aug.image_every * accum, edit_filter=edit_filter)
-
-
-def build_augmented_source(cfg: Config, loader, splits, device: torch.device, rank: int, start: int, accum: int = 1):
-    augmenter = build_augmenter(cfg, splits, device, rank, accum)
-    if not cfg.aug.prefetch:
-        return SyncAugmentedSource(loader, augmenter, device, start)
-    from .prefetch import Prefetcher
-
-    return Prefetcher(loader, augmenter, device, depth=cfg.aug.queue_depth, starvation=cfg.aug.starvation,
-                      start=start)

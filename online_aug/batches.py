@@ -1,7 +1,10 @@
-"""Real batches: a deterministic, resumable, rank-sharded stream of micro-batches.
+"""What a batch is, and how real ones are drawn: the loader stage of loader → policy → generator → prefetch → trainer.
 
-The order of epoch e is a permutation seeded by (seed, e); each rank takes every world_size-th micro-batch of it.
-Resuming at micro-step k skips k batches by index arithmetic, without loading an image.
+- :class:`Batch`: a micro-batch as the trainer consumes it, with its ``aug/*`` statistics (their names and how an
+  interval of them is reduced live here, once: :data:`AUG_STATS`, :func:`reduce_stats`).
+- :class:`ResumableBatchSampler` / :func:`real_loader`: a deterministic, resumable, rank-sharded stream of real
+  micro-batches. The order of epoch e is a permutation seeded by (seed, e); each rank takes every world_size-th
+  micro-batch of it. Resuming at micro-step k skips k batches by index arithmetic, without loading an image.
 """
 
 from __future__ import annotations
@@ -37,6 +40,23 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return 2**62
 
 
+# aug/* scalars every augmented batch carries (TensorBoard tags; README "TensorBoard tags"). COUNTERS are summed over
+# a log interval (edits dropped), the rest are per-batch means.
+AUG_STATS = ("aug/effective_alpha", "aug/nonfinite_dropped", "aug/filtered", "aug/gen_ms", "aug/stall_ms",
+             "aug/queue_depth")
+COUNTERS = frozenset({"aug/nonfinite_dropped", "aug/filtered"})
+
+
+def no_edit_stats() -> dict[str, float]:
+    """The statistics of a batch that trained on no edit (α = 0 in effect)."""
+    return {"aug/effective_alpha": 0.0, "aug/nonfinite_dropped": 0.0, "aug/filtered": 0.0, "aug/gen_ms": 0.0}
+
+
+def reduce_stats(acc: dict[str, float], n: int) -> dict[str, float]:
+    """Sums of ``n`` batches' stats → per-batch means, except :data:`COUNTERS`, which stay sums."""
+    return {k: float(v) if k in COUNTERS else float(v) / max(1, n) for k, v in acc.items()}
+
+
 @dataclass
 class Batch:
     """A micro-batch as the trainer consumes it."""
@@ -49,6 +69,14 @@ class Batch:
     examples: dict | None = None  # source/edited examples for the image grid, when due
     ready: object | None = None  # a CUDA event the consumer waits on before touching the tensors
     slot: int = -1  # CUDA ring slot holding the tensors (see prefetch.py)
+
+
+def real_batch(x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int, device: torch.device,
+               stats: dict[str, float] | None = None) -> Batch:
+    """A real micro-batch with one-hot targets on ``device``."""
+    return Batch(images=x.to(device, non_blocking=True),
+                 targets=torch.nn.functional.one_hot(y, num_classes).float().to(device),
+                 labels=y, step=step, stats={} if stats is None else stats)
 
 
 def real_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,

@@ -17,11 +17,12 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
-from .augment import Augmenter
-from .batches import Batch
+
+from .batches import Batch, no_edit_stats, real_batch
 
 _POLL_S = 0.05  # how often blocked threads re-check for shutdown or a dead producer
 
@@ -61,12 +62,12 @@ class _CudaRing:
 class Prefetcher:
     """Iterator of augmented :class:`Batch` es, produced ``depth`` ahead by a background thread."""
 
-    def __init__(self, loader, augmenter: Augmenter, device: torch.device, depth: int = 2,
-                 starvation: str = "wait", start: int = 0):
-        if starvation not in ("wait", "real"):
-            raise ValueError(f"aug.starvation={starvation!r}: use wait or real")
-        self.augmenter, self.device, self.starvation = augmenter, device, starvation
-        self.num_classes = augmenter.num_classes
+    def __init__(self, loader, augment: Callable[[torch.Tensor, torch.Tensor, int], Batch], device: torch.device,
+                 depth: int = 2, starvation: str = "wait", start: int = 0, num_classes: int | None = None):
+        """``augment(images, labels, step) -> Batch`` (an :class:`~online_aug.augment.Augmenter`, which carries its
+        ``num_classes``; a plain callable passes ``num_classes``, needed for the one-hot 'real' fallback)."""
+        self.augment, self.device, self.starvation = augment, device, starvation  # aug.starvation: config-checked
+        self.num_classes = num_classes if num_classes is not None else augment.num_classes
         self._it, self._lock, self._step = iter(loader), threading.Lock(), start
         self._queue: queue.Queue[Batch] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -93,7 +94,7 @@ class Prefetcher:
                 while not self._stop.is_set():
                     k, x, y = self._next_real()
                     t0 = time.perf_counter()
-                    batch = self.augmenter(x.to(self.device, non_blocking=True), y, k)
+                    batch = self.augment(x.to(self.device, non_blocking=True), y, k)
                     if self._ring is not None:
                         batch = self._ring.put(batch, self._stream)
                         batch.ready.synchronize()  # this thread waits for its own stream only: true gen time
@@ -135,10 +136,7 @@ class Prefetcher:
 
     def _real_batch(self) -> Batch:
         k, x, y = self._next_real()
-        return Batch(images=x.to(self.device, non_blocking=True),
-                     targets=torch.nn.functional.one_hot(y, self.num_classes).float().to(self.device),
-                     labels=y, step=k, stats={"aug/effective_alpha": 0.0, "aug/nonfinite_dropped": 0.0,
-                                              "aug/filtered": 0.0, "aug/gen_ms": 0.0})
+        return real_batch(x, y, k, self.num_classes, self.device, no_edit_stats())
 
     def release(self, batch: Batch) -> None:
         if self._ring is not None and batch.ready is not None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .batches import Batch, real_loader
+from .batches import Batch, real_loader, reduce_stats
 from .config import Config, save_config
 from .data import Splits, build_splits
 from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
@@ -24,6 +24,7 @@ from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_
 from .metrics import classification_metrics, fmt
 from .model import create_classifier
 from .monitor import Monitor, NullMonitor, eval_table
+from .sources import BatchSource, build_batch_source
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,25 +48,6 @@ def train_transform(cfg: Config):
     from timm.data.auto_augment import rand_augment_transform
 
     return rand_augment_transform(cfg.train.randaugment, {"translate_const": int(cfg.data.image_size * 0.45)})
-
-
-class RealSource:
-    """Real micro-batches with one-hot targets (the baseline, and the fallback when α = 0)."""
-
-    def __init__(self, loader, device: torch.device, num_classes: int, start: int):
-        self.it, self.device, self.num_classes, self.step = iter(loader), device, num_classes, start
-
-    def __next__(self) -> Batch:
-        x, y = next(self.it)
-        b = Batch(images=x.to(self.device, non_blocking=True),
-                  targets=torch.nn.functional.one_hot(y, self.num_classes).float().to(self.device),
-                  labels=y, step=self.step, stats={})
-        self.step += 1
-        return b
-
-    def release(self, batch: Batch) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class Trainer:
@@ -120,16 +102,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ building
 
-    def _batch_source(self):
+    def _batch_source(self) -> BatchSource:
         cfg = self.cfg
         start_micro = self.start_step * self.accum
         loader = real_loader(self.splits.train, self.micro_bs, self.rank, self.world,
                              seed=cfg.run.seed, start=start_micro, num_workers=cfg.data.num_workers)
-        if cfg.aug.alpha <= 0:
-            return RealSource(loader, self.device, self.num_classes, start_micro)
-        from .augment import build_augmented_source
-
-        return build_augmented_source(cfg, loader, self.splits, self.device, self.rank, start_micro, self.accum)
+        return build_batch_source(cfg, loader, self.splits, self.device, self.rank, start_micro, self.accum)
 
     # ------------------------------------------------------------------ loop
 
@@ -144,10 +122,9 @@ class Trainer:
         metrics: dict[str, float] = {}
         try:
             for step in range(self.start_step, t.steps):
-                drw = self.drw_weights if t.drw_start > 0 and step >= int(t.drw_start * t.steps) else None
                 for _ in range(self.accum):
                     batch = next(self.source)
-                    loss = self._micro_step(batch, drw)
+                    loss = self.train_step(batch)
                     loss_sum += loss.detach()
                     loss_n += 1
                     seen += len(batch.labels) * self.world
@@ -162,7 +139,7 @@ class Trainer:
                     values = {"train/loss": (loss_sum / max(1, loss_n)).item(),
                               "train/lr": self.scheduler.get_last_lr()[0],
                               "train/images_per_s": seen / max(elapsed, 1e-9)}
-                    values.update(self._aug_scalars(aug_acc, loss_n))
+                    values.update(reduce_stats(aug_acc, loss_n))
                     self.monitor.scalars(done, values)
                     self.last_train = values
                     loss_sum.zero_()
@@ -184,7 +161,14 @@ class Trainer:
             print(f"tensorboard --logdir {self.run_dir / 'tb'}")
         return metrics
 
-    def _micro_step(self, batch: Batch, class_weight: torch.Tensor | None) -> torch.Tensor:
+    def class_weight(self, step: int) -> torch.Tensor | None:
+        """DRW: class-balanced loss weights from ``train.drw_start`` of the run on (Cao et al. 2019)."""
+        t = self.cfg.train
+        return self.drw_weights if t.drw_start > 0 and step >= int(t.drw_start * t.steps) else None
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """Forward, soft-target loss, backward and (at the accumulation boundary) DeepSpeed's optimizer step on one
+        micro-batch; returns the loss on device (no sync)."""
         if batch.ready is not None:
             # wait for the producer's stream on this batch only, never on the whole device
             torch.cuda.current_stream(self.device).wait_event(batch.ready)
@@ -193,20 +177,11 @@ class Trainer:
             x, y = self.mixup(x, y)
         y = smooth(y, self.cfg.train.label_smoothing)
         logits = self.engine(x.to(self.dtype))
-        loss = soft_cross_entropy(logits, y, class_weight)
+        loss = soft_cross_entropy(logits, y, self.class_weight(batch.step // self.accum))
         self.engine.backward(loss)
         self.engine.step()
         self.source.release(batch)  # its buffers may be refilled once the work queued above is done
         return loss
-
-    def _aug_scalars(self, acc: dict[str, float], n: int) -> dict[str, float]:
-        """Sums over the interval → per-batch means, except counters which stay sums."""
-        if not acc:
-            return {}
-        out = {}
-        for k, v in acc.items():
-            out[k] = float(v) if k in ("aug/nonfinite_dropped", "aug/filtered") else float(v) / max(1, n)
-        return out
 
     def _log_examples(self, step: int, ex: dict[str, Any]) -> None:
         import torchvision

@@ -6,11 +6,12 @@ import time
 import pytest
 import torch
 
-from online_aug.augment import Augmenter, SyncAugmentedSource
+from online_aug.augment import Augmenter
 from online_aug.batches import real_loader
 from online_aug.config import AugConfig
 from online_aug.policy import AugPolicy
 from online_aug.prefetch import Prefetcher, ProducerError
+from online_aug.sources import SyncAugmentedSource
 
 CPU = torch.device("cpu")
 

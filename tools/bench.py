@@ -126,7 +126,7 @@ def _time_training(config: str, overrides: list[str], name: str, extra: list[str
     tr = Trainer(cfg, show_progress=False)
     try:
         for _ in range(5):  # warm-up (and lets the queue fill, as it would in a long run)
-            tr._micro_step(next(tr.source), None)
+            tr.train_step(next(tr.source))
         _sync(device)
         stall = 0.0
         t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def _time_training(config: str, overrides: list[str], name: str, extra: list[str
         for _ in range(steps * tr.accum):
             b = next(tr.source)
             stall += b.stats.get("aug/stall_ms", 0.0)
-            tr._micro_step(b, None)
+            tr.train_step(b)
             n += len(b.labels)
         _sync(device)
         dt = time.perf_counter() - t0
