@@ -71,6 +71,29 @@ class Batch:
     slot: int = -1  # CUDA ring slot holding the tensors (see prefetch.py)
 
 
+class ClassBalancedBatchSampler(Sampler[list[int]]):
+    """Infinite class-balanced batches for one rank: each sample draws a class uniformly, then an image of it
+    (class-balanced resampling, the long-tail baseline; also CMO's minority sampler). Micro-step k of rank r draws from
+    a generator seeded by (seed, k, r), so resuming at ``start`` continues the same stream with no state."""
+
+    def __init__(self, labels, num_classes: int, batch_size: int, rank: int, seed: int, start: int = 0):
+        labels = np.asarray(labels)
+        self.by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+        self.classes = np.array([c for c in range(num_classes) if len(self.by_class[c])])
+        self.bs, self.rank, self.seed, self.start = batch_size, rank, seed, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            rng = np.random.default_rng([self.seed, step, self.rank, 1])
+            cls = self.classes[rng.integers(len(self.classes), size=self.bs)]
+            yield [int(self.by_class[c][rng.integers(len(self.by_class[c]))]) for c in cls]
+            step += 1
+
+    def __len__(self) -> int:
+        return 2**62
+
+
 def real_batch(x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int, device: torch.device,
                stats: dict[str, float] | None = None) -> Batch:
     """A real micro-batch with one-hot targets on ``device``."""
@@ -80,7 +103,11 @@ def real_batch(x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int, de
 
 
 def real_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,
-                num_workers: int) -> DataLoader:
-    sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world_size, seed, start)
+                num_workers: int, sampler: str = "random") -> DataLoader:
+    """``sampler``: ``random`` (epochs of the split) or ``class_balanced`` (``data.sampler``)."""
+    if sampler == "class_balanced":
+        sampler = ClassBalancedBatchSampler(dataset.labels, dataset.num_classes, batch_size, rank, seed, start)
+    else:
+        sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world_size, seed, start)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

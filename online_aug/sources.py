@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from .augment import build_augmenter
-from .batches import Batch, real_batch
+from .batches import Batch, real_batch, real_loader
 from .config import Config
 from .prefetch import Prefetcher
 
@@ -75,13 +76,58 @@ class SyncAugmentedSource:
     def close(self) -> None: ...
 
 
-def build_batch_source(cfg: Config, loader, splits, device: torch.device, rank: int, start: int,
-                       accum: int = 1) -> BatchSource:
-    """The run's source of micro-batches, starting at micro-step ``start`` (resume)."""
+class CMOSource:
+    """CMO (Park et al., CVPR 2022, "The Majority Can Help the Minority"): with probability ``prob`` a batch gets a
+    CutMix box pasted from a class-balanced ("minority-oversampled") real batch; the targets mix by box area. The
+    background batch (rich context from the majority) comes from ``inner``, augmented or not, so CMO composes with
+    online augmentation. The box and the coin are drawn from (seed, step): resume continues the same stream."""
+
+    def __init__(self, inner: BatchSource, minority_loader, num_classes: int, prob: float, seed: int):
+        self.inner, self.it = inner, iter(minority_loader)
+        self.num_classes, self.prob, self.seed = num_classes, prob, seed
+
+    def __next__(self) -> Batch:
+        from timm.data.mixup import cutmix_bbox_and_lam
+
+        batch = next(self.inner)
+        xm, ym = next(self.it)  # drawn every step, used or not, so the minority stream stays aligned with the steps
+        rng = np.random.default_rng([self.seed, batch.step, 2])
+        if rng.random() >= self.prob:
+            return batch
+        if batch.ready is not None:  # the producer's stream wrote these tensors: order this step after it
+            torch.cuda.current_stream(batch.images.device).wait_event(batch.ready)
+        lam = float(rng.beta(1.0, 1.0))
+        (y0, y1, x0, x1), lam = cutmix_bbox_and_lam(batch.images.shape, lam, correct_lam=True)
+        images = batch.images.clone()
+        images[:, :, y0:y1, x0:x1] = xm.to(images.device)[:, :, y0:y1, x0:x1]
+        fg = torch.nn.functional.one_hot(ym, self.num_classes).float().to(batch.targets.device)
+        batch.images, batch.targets = images, lam * batch.targets + (1 - lam) * fg
+        return batch
+
+    def release(self, batch: Batch) -> None:
+        self.inner.release(batch)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, world: int, micro_bs: int,
+                       start: int, accum: int = 1) -> BatchSource:
+    """The run's source of micro-batches for this rank, starting at micro-step ``start`` (resume)."""
+    loader = real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed, start=start,
+                         num_workers=cfg.data.num_workers, sampler=cfg.data.sampler)
+    source: BatchSource
     if cfg.aug.alpha <= 0:
-        return RealSource(loader, device, splits.num_classes, start)
-    augment = build_augmenter(cfg, splits, device, rank, accum)
-    if not cfg.aug.prefetch:
-        return SyncAugmentedSource(loader, augment, device, start)
-    return Prefetcher(loader, augment, device, depth=cfg.aug.queue_depth, starvation=cfg.aug.starvation,
-                      start=start, num_classes=splits.num_classes)
+        source = RealSource(loader, device, splits.num_classes, start)
+    else:
+        augment = build_augmenter(cfg, splits, device, rank, accum)
+        if not cfg.aug.prefetch:
+            source = SyncAugmentedSource(loader, augment, device, start)
+        else:
+            source = Prefetcher(loader, augment, device, depth=cfg.aug.queue_depth, starvation=cfg.aug.starvation,
+                                start=start, num_classes=splits.num_classes)
+    if cfg.train.cmo_prob > 0:
+        minority = real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed + 1, start=start,
+                               num_workers=0, sampler="class_balanced")
+        source = CMOSource(source, minority, splits.num_classes, cfg.train.cmo_prob, cfg.run.seed)
+    return source

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .batches import Batch, real_loader, reduce_stats
+from .batches import Batch, reduce_stats
 from .config import Config, save_config
 from .data import Splits, build_splits
 from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
@@ -59,10 +59,15 @@ class Trainer:
         self.rank, self.local_rank, self.world = init_distributed(self.device)
         self.precision = resolve_precision(cfg, self.device)
         self.dtype = DTYPES[self.precision]
+        cfg.train.check_world_size(self.world)  # load_config validated for one rank; the launch sets the real count
         self.micro_bs, self.accum = micro_batch(cfg, self.world)
 
         # data first: bad data fails before any model is built
         self.splits: Splits = build_splits(cfg.data, train_transform(cfg))
+        if cfg.aug.alpha > 0:  # the generator's folders and files too (lazy: diffusers is not needed at alpha 0)
+            from .generator.preflight import check_generator_inputs
+
+            check_generator_inputs(cfg.aug, self.splits.num_classes)
         self.class_counts = self.splits.train.class_counts()
         self.num_classes = self.splits.num_classes
 
@@ -103,11 +108,8 @@ class Trainer:
     # ------------------------------------------------------------------ building
 
     def _batch_source(self) -> BatchSource:
-        cfg = self.cfg
-        start_micro = self.start_step * self.accum
-        loader = real_loader(self.splits.train, self.micro_bs, self.rank, self.world,
-                             seed=cfg.run.seed, start=start_micro, num_workers=cfg.data.num_workers)
-        return build_batch_source(cfg, loader, self.splits, self.device, self.rank, start_micro, self.accum)
+        return build_batch_source(self.cfg, self.splits, self.device, self.rank, self.world, self.micro_bs,
+                                  self.start_step * self.accum, self.accum)
 
     # ------------------------------------------------------------------ loop
 

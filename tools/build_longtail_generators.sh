@@ -3,21 +3,32 @@
 #   models/tiny-sd-digits-pool            pretrained on the generator pool, class-named prompts ("SD knows the classes")
 #   models/tiny-sd-digits-pool-agnostic   pretrained on the pool with one prompt, "a photo" (knows the domain only)
 #   models/ft-digits-pool-agnostic        TI + LoRA (rank 10) of the agnostic model on the classifier's LT subset
+#                                         (Diff-Mix's fine-tuning; the Diff-* presets and the demo)
+#   models/ti-digits-pool-agnostic        TI only, tokens initialised from the class names (DA-Fusion)
+#   models/ti-digits-pool-agnostic-leakage-free   TI only, tokens initialised from the word "a" (DA-Fusion §6.1)
 #   models/tiny-sd-digits-lt100           trained on the classifier's LT subset only (the ablation)
-# Usage: bash tools/build_longtail_generators.sh [PYTHON]   (about 30 min on 2 CPU cores)
+# Usage: bash tools/build_longtail_generators.sh [PYTHON]   (about 40 min on 2 CPU cores; two jobs at a time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 CFG=configs/demo.yaml
 built() { [ -f "$1/build_info.json" ] || [ -f "$1/manifest.json" ]; }
-built models/tiny-sd-digits-pool || OMP_NUM_THREADS=1 $PY tools/build_tiny_sd.py --config $CFG --data pool \
-  --out models/tiny-sd-digits-pool --no-progress &
-built models/tiny-sd-digits-pool-agnostic || OMP_NUM_THREADS=1 $PY tools/build_tiny_sd.py --config $CFG --data pool \
-  --prompt "a photo" --out models/tiny-sd-digits-pool-agnostic --no-progress &
+tiny() {  # OUT DATA [extra args]: one thread per job, two jobs share the 2 cores
+  local out=$1 data=$2; shift 2
+  built "$out" || OMP_NUM_THREADS=1 $PY tools/build_tiny_sd.py --config $CFG --data "$data" --out "$out" \
+    --no-progress --force "$@"
+}
+tune() {  # OUT [extra args]: fine-tune the agnostic pool model on the classifier's long-tail subset
+  local out=$1; shift
+  built "$out" || OMP_NUM_THREADS=1 $PY tools/finetune_sd.py --config $CFG \
+    --model models/tiny-sd-digits-pool-agnostic --template "a photo" --eval --out "$out" --force --no-progress "$@"
+}
+tiny models/tiny-sd-digits-pool pool &
+tiny models/tiny-sd-digits-pool-agnostic pool --prompt "a photo" &
 wait
-built models/tiny-sd-digits-lt100 || OMP_NUM_THREADS=1 $PY tools/build_tiny_sd.py --config $CFG --data train \
-  --out models/tiny-sd-digits-lt100 --no-progress &
-built models/ft-digits-pool-agnostic || OMP_NUM_THREADS=1 $PY tools/finetune_sd.py --config $CFG \
-  --model models/tiny-sd-digits-pool-agnostic --template "a photo" --steps 2000 --lora-rank 10 --lr 0.005 \
-  --lora-lr 0.001 --eval --out models/ft-digits-pool-agnostic --force --no-progress &
+tiny models/tiny-sd-digits-lt100 train &
+tune models/ft-digits-pool-agnostic --steps 2000 --lora-rank 10 --lr 0.005 --lora-lr 0.001 &
+wait
+tune models/ti-digits-pool-agnostic --steps 1000 --lr 0.005 &
+tune models/ti-digits-pool-agnostic-leakage-free --steps 1000 --lr 0.005 --init-word a &
 wait
