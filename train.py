@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", help="'latest' (newest run with this run.name) or a run/checkpoint folder")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 aug.alpha=0.5")
-    return p.parse_args(argv)
+    # options and key=value overrides mix freely, in any order (as torchrun and deepspeed pass them)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

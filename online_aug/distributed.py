@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, validate
+from .config import Config
+from .devices import pick_device
 
 
 def _free_port() -> int:
@@ -43,28 +44,28 @@ def init_distributed(device: torch.device) -> tuple[int, int, int]:
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is visible")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    """``run.device`` as a device; ``cuda`` is this rank's LOCAL_RANK (see :func:`online_aug.devices.pick_device`)."""
+    return pick_device(cfg.run.device)
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
-    """fp16/bf16 on CUDA (bf16 where supported), fp32 on CPU unless bf16 is asked for."""
+    """``train.precision``: auto is bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU.
+
+    ``Config.validate`` already refused fp16 without CUDA.
+    """
     p = cfg.train.precision
     if p == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
-    if p == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed has no fp16 on CPU); use fp32 or bf16")
     return p
 
 
 def micro_batch(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(micro-batch per rank, gradient accumulation steps); ConfigError if the batch does not split evenly."""
-    validate(cfg, world_size=world_size)  # load_config checked world size 1; the launch decides the real one
+    """(micro-batch per rank, gradient accumulation steps).
+
+    Arithmetic only: the trainer has run ``cfg.train.check_world_size(world_size)`` (the batch splits evenly).
+    """
     per_rank = cfg.train.batch_size // world_size
     mb = cfg.train.micro_batch_size or per_rank
     return mb, per_rank // mb

@@ -33,7 +33,7 @@ def test_dotted_overrides_apply_on_top_of_the_file() -> None:
     assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float  # int is accepted where a float is expected
     assert cfg.run.name == "abc" and cfg.data.download is True
     # values from the file survive where not overridden; defaults fill the rest
-    assert cfg.data.imbalance_ratio == 20 and cfg.data.many_threshold == 60 and cfg.train.batch_size == 64
+    assert cfg.data.imbalance_ratio == 100 and cfg.data.many_threshold == 30 and cfg.train.batch_size == 64
     assert cfg.train.weight_decay == Config().train.weight_decay
 
 
@@ -263,11 +263,128 @@ def test_train_py_missing_config_exits_2(tmp_path: Path, capsys: pytest.CaptureF
 )
 def test_world_size_checks_happen_at_launch(overrides: tuple[str, ...], world: int, named: str) -> None:
     """load_config knows no world size; the per-rank split is checked again once the launcher has set it."""
-    from online_aug.distributed import micro_batch
-
     cfg = load_config(BASELINE, list(overrides))  # valid for one process
     with pytest.raises(ConfigError, match=re.escape(named)):
-        micro_batch(cfg, world)
+        cfg.train.check_world_size(world)  # what Trainer.__init__ calls after init_distributed
+
+
+def test_validation_runs_once_per_load_and_not_again_in_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_config validates once; resolving the device, precision and batch split re-checks nothing."""
+    from online_aug import distributed
+
+    calls = []
+    real = Config.validate
+    monkeypatch.setattr(Config, "validate", lambda self, **kw: (calls.append(kw), real(self, **kw))[1])
+    cfg = load_config(BASELINE, ["train.batch_size=64", "train.micro_batch_size=8", "run.device=cpu"])
+    assert len(calls) == 1
+    assert distributed.micro_batch(cfg, 2) == (8, 4)
+    assert distributed.resolve_device(cfg).type == "cpu"
+    assert distributed.resolve_precision(cfg, distributed.resolve_device(cfg)) == "fp32"
+    distributed.deepspeed_config(cfg, 2, "fp32")
+    assert len(calls) == 1
+
+
+def test_each_section_checks_its_own_keys() -> None:
+    from online_aug.config import AugConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    for section, key in [(RunConfig(name=""), "run.name"), (DataConfig(num_workers=-1), "data.num_workers"),
+                         (ModelConfig(drop_rate=1.0), "model.drop_rate"),
+                         (TrainConfig(eval_every=0), "train.eval_every"), (AugConfig(grid_steps=0), "aug.grid_steps")]:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            section.validate()
+    TrainConfig(batch_size=64).validate(world_size=4)
+    with pytest.raises(ConfigError, match=re.escape("train.batch_size")):
+        TrainConfig(batch_size=64).validate(world_size=3)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        # these crashed (ZeroDivisionError after DeepSpeed started) or were accepted before
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.eval_every=0", "train.eval_every"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.warmup_steps=-1", "train.warmup_steps"),
+        ("train.ckpt_every=-1", "train.ckpt_every"),
+        ("train.keep_last=0", "train.keep_last"),
+        ("train.eval_batch_size=0", "train.eval_batch_size"),
+        ("train.micro_batch_size=-8", "train.micro_batch_size"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-0.1", "train.lr"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("train.grad_clip=-1", "train.grad_clip"),
+        ("train.min_lr_ratio=-0.1", "train.min_lr_ratio"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
+        ("train.cmo_prob=1.5", "train.cmo_prob"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.split_seed=-1", "data.split_seed"),
+        ("data.class_order_seed=-2", "data.class_order_seed"),
+        ("data.few_threshold=-1", "data.few_threshold"),
+        ("data.root=", "data.root"),
+        ("run.seed=-1", "run.seed"),
+        ("run.name=", "run.name"),
+        ("run.name=a/b", "run.name"),
+        ("run.out_dir=", "run.out_dir"),
+        ("model.name=", "model.name"),
+        ("model.drop_rate=1", "model.drop_rate"),
+        ("model.drop_rate=-0.1", "model.drop_rate"),
+        ("aug.grid_steps=0", "aug.grid_steps"),
+        ("aug.image_every=-1", "aug.image_every"),
+        ("aug.resolution=-8", "aug.resolution"),
+        ("aug.guidance_scale=-1", "aug.guidance_scale"),
+        ("aug.beta=-1", "aug.beta"),
+    ],
+)
+def test_bad_numbers_are_config_errors(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)) as info:
+        load_config(BASELINE, [override])
+    assert str(info.value).startswith(named) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (("aug.alpha=0.5", "aug.model="), "aug.model"),
+        (("aug.alpha=0.5", "aug.filter_fraction=0.2", "aug.filter_metaclass="), "aug.filter_metaclass"),
+    ],
+)
+def test_empty_generator_names_when_augmenting(overrides: tuple[str, ...], named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(BASELINE, list(overrides))
+    load_config(BASELINE, [o for o in overrides if not o.startswith("aug.alpha")])  # alpha 0: generator unused
+
+
+@pytest.mark.parametrize("values", [("train.warmup_steps=0", "train.ckpt_every=0", "train.micro_batch_size=0",
+                                     "train.grad_clip=0", "train.min_lr_ratio=0", "train.min_lr_ratio=1",
+                                     "aug.image_every=0", "aug.resolution=0", "aug.guidance_scale=0",
+                                     "data.class_order_seed=-1", "model.drop_rate=0.5", "train.keep_last=1")])
+def test_boundary_values_are_accepted(values: tuple[str, ...]) -> None:
+    for v in values:
+        load_config(BASELINE, [v])
+
+
+def test_train_py_zero_batch_exits_2_before_heavy_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main = _train_module().main
+    out = tmp_path / "runs"
+    assert main(["--config", str(BASELINE), "train.batch_size=0", f"run.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: train.batch_size") and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "configs/demo.yaml", "run.name=x", "--resume", "latest", "train.steps=20"],
+        ["run.name=x", "--config", "configs/demo.yaml", "train.steps=20", "--resume", "latest"],
+        ["--resume", "latest", "run.name=x", "train.steps=20", "--config", "configs/demo.yaml"],
+        ["--local_rank=0", "run.name=x", "--config", "configs/demo.yaml", "--resume", "latest", "train.steps=20"],
+    ],
+)
+def test_options_and_overrides_mix_in_any_order(argv: list[str]) -> None:
+    args = _train_module().parse_args(argv)
+    assert args.config == "configs/demo.yaml" and args.resume == "latest"
+    assert args.overrides == ["run.name=x", "train.steps=20"]
 
 
 def test_micro_batch_and_accumulation() -> None:
