@@ -18,7 +18,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .batches import Batch, reduce_stats
 from .config import Config, save_config
-from .data import Splits, build_splits
+from .data import Splits, build_splits, check_generator_folders
 from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
 from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_entropy
 from .metrics import classification_metrics, fmt
@@ -68,6 +68,8 @@ class Trainer:
             from .generator.preflight import check_generator_inputs
 
             check_generator_inputs(cfg.aug, self.splits.num_classes)
+            # a generator that saw this run's validation or test images would leak them into training
+            check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, cfg.aug.lora], self.splits)
         self.class_counts = self.splits.train.class_counts()
         self.num_classes = self.splits.num_classes
 
@@ -158,7 +160,7 @@ class Trainer:
         self.monitor.close()
         if self.rank == 0 and metrics:
             print(f"\nfinal evaluation ({t.eval_split} split, %):")
-            print(eval_table(metrics, self.splits.class_names, self.class_counts))
+            print(eval_table(metrics, self.splits.class_names, self.splits.shot_counts))
             print(f"\nrun directory: {self.run_dir}")
             print(f"tensorboard --logdir {self.run_dir / 'tb'}")
         return metrics
@@ -219,7 +221,7 @@ class Trainer:
             pred, index = torch.cat(all_p), torch.cat(all_i)
         out = np.empty(n, dtype=np.int64)
         out[index.cpu().numpy()] = pred.cpu().numpy()  # padded duplicates write the same value twice
-        m = classification_metrics(out, ds.labels, self.class_counts, self.cfg.data.many_threshold,
+        m = classification_metrics(out, ds.labels, self.splits.shot_counts, self.cfg.data.many_threshold,
                                    self.cfg.data.few_threshold)
         scalars = {f"eval/{k}" if not k.startswith("class_acc/") else
                    f"eval/class_acc/{self.splits.class_names[int(k.split('/')[1])]}": v for k, v in m.items()}

@@ -63,6 +63,42 @@ def test_validation_mode_reports_the_validation_split(tmp_path):
     assert "validation accuracy" in (out / "table.md").read_text()
 
 
+def _compare_module():
+    """tools/compare.py as a module (tools are scripts, not a package: load it by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_tool", ROOT / "tools" / "compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_suite_rows_resolve_to_configs_and_distinct_run_names() -> None:
+    """Every row of the long-tail suite loads (preset + its overrides) and gets its own run name."""
+    compare = _compare_module()
+    args = compare.parse_args(["--suite", "longtail"])
+    assert args.out == "reports/longtail" and len(args.seeds) >= 5
+    names = set()
+    for row in args.rows:
+        ov = compare.run_overrides(args, row, 0)
+        cfg = load_config(ROOT / "configs" / f"{row.preset}.yaml", ov)
+        assert cfg.data.imbalance_ratio == 100 and cfg.data.val_per_class == 10 and cfg.data.pool_fraction == 0.5
+        names.add(cfg.run.name)
+    assert len(names) == len(args.rows)
+    models = {load_config(ROOT / "configs" / f"{r.preset}.yaml", compare.run_overrides(args, r, 0)).aug.model
+              for r in args.rows if r.preset == "diff-mix"}
+    assert models == {"models/tiny-sd-digits-pool-agnostic", "models/tiny-sd-digits-pool",
+                      "models/tiny-sd-digits-lt100"}
+    quick = compare.parse_args(["--suite", "longtail", "--quick", "--out", "/tmp/x"])
+    assert len(quick.rows) == 2 and quick.seeds == [0] and quick.steps == 2
+
+
+def test_unknown_suite_is_refused(tmp_path):
+    r = _run(["--suite", "no-such-suite"])
+    assert r.returncode == 2 and "configs/suites/no-such-suite.yaml not found" in r.stderr
+
+
 def test_unknown_preset_is_refused_before_any_run(tmp_path):
     r = _run(["--out", str(tmp_path / "x"), "--presets", "no-such-preset"])
     assert r.returncode == 2 and "configs/no-such-preset.yaml not found" in r.stderr
@@ -71,8 +107,7 @@ def test_unknown_preset_is_refused_before_any_run(tmp_path):
 def test_model_override_drops_the_presets_learned_tokens() -> None:
     """--model swaps the base SD: the presets' tokens / LoRA (learned on their own base) would be a load error, so
     they are dropped and a {token} prompt falls back to the class name; without --model they stay."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import compare
+    compare = _compare_module()
 
     args = compare.parse_args(["--out", "/tmp/x", "--model", "/tmp/sd", "--presets", "da-fusion-leakage-free"])
     ov = compare.run_overrides(args, "da-fusion-leakage-free", 0)

@@ -13,6 +13,10 @@ test numbers only for the final choice.
     python tools/compare.py --out reports/compare --seeds 0 1 2 --steps 300
     python tools/compare.py --out reports/tune --val --presets diff-mix-uniformize --set aug.gamma=0.1
     python tools/compare.py --out /tmp/q --quick --model /tmp/tiny-sd      # smoke test: 2 presets, 1 seed, 2 steps
+    python tools/compare.py --suite longtail --jobs 2                       # the long-tail benchmark's main table
+
+A suite (``configs/suites/<name>.yaml``) names its rows (a preset plus overrides each), seeds and output folder; see
+``configs/suites/longtail.yaml``. ``--jobs N`` runs N trainings at once, each with 1/N of the cores' threads.
 
 Runs that already finished under ``<out>/runs`` with the same name and the same resolved config are reused (an
 interrupted comparison continues where it stopped; a changed preset or override trains again); ``--fresh`` ignores
@@ -25,21 +29,22 @@ import argparse
 import csv
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from online_aug.config import ConfigError, load_config  # light: dataclasses + yaml, no torch
 
-from online_aug.config import ConfigError, load_config  # noqa: E402  (light: dataclasses + yaml, no torch)
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_PRESETS = ["baseline", "real-guidance", "real-gen", "diff-mix", "diff-mix-uniformize"]
 METRICS = [("top1", "top-1"), ("balanced_acc", "balanced"), ("acc_many", "many"), ("acc_medium", "medium"),
@@ -48,9 +53,42 @@ QUICK_OVERRIDES = ["train.batch_size=8", "data.image_size=16", "aug.steps=1", "a
                    "aug.queue_depth=1", "train.log_every=1"]
 
 
+@dataclass
+class Row:
+    """One line of the table: a preset plus overrides, run once per seed."""
+
+    name: str
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+
+
+def load_suite(name: str) -> dict[str, Any]:
+    """configs/suites/<name>.yaml: {title, out, seeds, rows: [{name, preset, set: [key=value, ...]}]}."""
+    path = ROOT / "configs" / "suites" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (ROOT / "configs" / "suites").glob("*.yaml"))
+        raise ConfigError(f"--suite {name}: {path.relative_to(ROOT)} not found (suites: {', '.join(known)})")
+    data = yaml.safe_load(path.read_text())
+    rows = []
+    for i, r in enumerate(data.get("rows", [])):
+        if not isinstance(r, dict) or "name" not in r or "preset" not in r:
+            raise ConfigError(f"{path.relative_to(ROOT)}: rows[{i}] needs a name and a preset")
+        rows.append(Row(str(r["name"]), str(r["preset"]), [str(x) for x in r.get("set", [])]))
+    data["rows"] = rows
+    return data
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (results.csv, table.md, plot.png, runs/, logs/)")
+    p.add_argument("--out", default=None, help="output folder (results.csv, table.md, plot.png, runs/, logs/); "
+                                               "default: the suite's")
+    p.add_argument("--suite", default=None, help="configs/suites/<name>.yaml: rows, seeds and output folder")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once (each gets cores/jobs threads)")
+    p.add_argument("--title", default="Digits long-tail", help="first words of table.md")
     p.add_argument("--presets", nargs="+", default=None, help=f"configs/<name>.yaml (default: {DEFAULT_PRESETS})")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="run.seed values; the data split stays fixed (default: 0 1 2, or 0 with --quick)")
@@ -66,20 +104,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="rerun even when a finished run is found under <out>/runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.suite:
+        if args.presets:
+            p.error("--suite and --presets are exclusive (a suite lists its rows)")
+        try:
+            suite = load_suite(args.suite)
+        except ConfigError as e:
+            p.error(str(e))
+        args.rows = suite["rows"][:2] if args.quick else suite["rows"]
+        args.seeds = args.seeds or ([0] if args.quick else suite.get("seeds"))
+        args.out = args.out or suite.get("out")
+        args.title = suite.get("title", args.title)
+    else:
+        args.rows = [Row(n, n) for n in (args.presets or (DEFAULT_PRESETS[:2] if args.quick else DEFAULT_PRESETS))]
+    if not args.out:
+        p.error("--out is required (or a --suite that names one)")
     if args.quick:
-        args.presets = args.presets or DEFAULT_PRESETS[:2]
         args.seeds = args.seeds or [0]
         args.steps = args.steps or 2
-    args.presets = args.presets or DEFAULT_PRESETS
     args.seeds = args.seeds or [0, 1, 2]
-    for name in args.presets:
-        if not (ROOT / "configs" / f"{name}.yaml").is_file():
-            p.error(f"--presets: configs/{name}.yaml not found")
+    for row in args.rows:
+        if not (ROOT / "configs" / f"{row.preset}.yaml").is_file():
+            p.error(f"--presets: configs/{row.preset}.yaml not found")
     return args
 
 
-def run_overrides(args: argparse.Namespace, preset: str, seed: int) -> list[str]:
-    out = [f"run.name={preset}-seed{seed}", f"run.seed={seed}", f"run.out_dir={Path(args.out) / 'runs'}"]
+def run_overrides(args: argparse.Namespace, row: Row | str, seed: int) -> list[str]:
+    row = Row(row, row) if isinstance(row, str) else row
+    preset = row.preset
+    out = [f"run.name={row.slug}-seed{seed}", f"run.seed={seed}", f"run.out_dir={Path(args.out) / 'runs'}"]
     if args.steps:
         # one evaluation at the end: intermediate test numbers invite picking the best step, which is tuning on test
         out += [f"train.steps={args.steps}", f"train.eval_every={args.steps}"]
@@ -94,8 +149,11 @@ def run_overrides(args: argparse.Namespace, preset: str, seed: int) -> list[str]
         if "{token}" in prompt:
             out.append(f"aug.prompt={prompt.replace('{token}', '{name}')}")
     if args.val:
-        out += [f"data.val_fraction={args.val_fraction}", "train.eval_split=val"]
-    return out + list(args.set)
+        split = load_config(ROOT / "configs" / f"{preset}.yaml").data
+        # presets with the protocol split already hold a balanced validation split; older ones carve one
+        out += [] if split.val_per_class else [f"data.val_fraction={args.val_fraction}"]
+        out.append("train.eval_split=val")
+    return out + row.overrides + list(args.set)
 
 
 def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
@@ -130,11 +188,12 @@ def read_summary(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def train_one(args: argparse.Namespace, preset: str, seed: int, logs: Path) -> tuple[Path, float]:
-    """Run train.py for one (preset, seed); returns its run folder and wall time. Raises with the log's tail."""
+def train_one(args: argparse.Namespace, row: Row, seed: int, logs: Path) -> tuple[Path, float]:
+    """Run train.py for one (row, seed); returns its run folder and wall time. Raises with the log's tail."""
     runs = Path(args.out) / "runs"
-    name = f"{preset}-seed{seed}"
-    overrides = run_overrides(args, preset, seed)
+    preset = row.preset
+    name = f"{row.slug}-seed{seed}"
+    overrides = run_overrides(args, row, seed)
     want = asdict(load_config(ROOT / "configs" / f"{preset}.yaml", overrides))
     if not args.fresh and (done := finished_run(runs, name, want)) is not None:
         wall = done / "compare_wall_s.txt"
@@ -144,6 +203,8 @@ def train_one(args: argparse.Namespace, preset: str, seed: int, logs: Path) -> t
            *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("HF_HUB_OFFLINE", "1")  # the comparison uses local models only; never wait on the network
+    if args.jobs > 1:  # N trainings share the cores: one thread pool each, sized so they do not oversubscribe
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     log = logs / f"{name}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -184,9 +245,9 @@ def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None
     stats = {p: {m: mean_std([r[m] for r in rows if r["preset"] == p]) for m, _ in METRICS} for p in presets}
     steps = sorted({r["steps"] for r in rows})
     total_wall = sum(r["wall_s"] for r in rows if not math.isnan(r["wall_s"]))
-    lines = [f"Digits long-tail, {split} accuracy (%), mean ± std over seeds {' '.join(map(str, args.seeds))} "
-             f"({len(rows)} runs, {', '.join(map(str, steps))} steps each; wall time of all runs "
-             f"{total_wall / 60:.1f} min, one after another on this machine).",
+    lines = [f"{args.title}, {split} accuracy (%), mean ± std over seeds {' '.join(map(str, args.seeds))} "
+             f"({len(rows)} runs, {', '.join(map(str, steps))} steps each; summed wall time of the runs "
+             f"{total_wall / 60:.1f} min, {args.jobs} at a time on this machine).",
              "",
              "| preset | " + " | ".join(label for _, label in METRICS) + " | wall s/run |",
              "|---|" + "---:|" * (len(METRICS) + 1)]
@@ -197,10 +258,10 @@ def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None
     cmd = "python tools/compare.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python tools/compare.py"
     lines += ["", f"Command: `{cmd}`", ""]
     (out / "table.md").write_text("\n".join(lines))
-    plot(out / "plot.png", presets, stats, split)
+    plot(out / "plot.png", presets, stats, split, args.title)
 
 
-def plot(path: Path, presets: list[str], stats: dict, split: str) -> None:
+def plot(path: Path, presets: list[str], stats: dict, split: str, title: str = "digits long-tail") -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write the file only
@@ -217,7 +278,7 @@ def plot(path: Path, presets: list[str], stats: dict, split: str) -> None:
     ax.set_xticks(x, [label for _, label in METRICS])
     ax.set_ylabel(f"{split} accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("digits long-tail: mean ± std over seeds")
+    ax.set_title(f"{title}: mean ± std over seeds")
     ax.legend(fontsize=8, ncol=min(5, len(presets)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -234,20 +295,28 @@ def main(argv: list[str] | None = None) -> int:
     # runs/ (checkpoints, ~60 MB each) and logs/ are the raw material; only the three reports belong in git
     (out / ".gitignore").write_text("runs/\nlogs/\n")
     rows: list[dict] = []
-    jobs = [(p, s) for p in args.presets for s in args.seeds]
-    bar = tqdm(jobs, desc="compare", unit="run")
-    for preset, seed in bar:
-        bar.set_postfix_str(f"{preset} seed {seed}")
-        try:
-            run, wall = train_one(args, preset, seed, logs)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            bar.close()
-            print(f"error: {e}", file=sys.stderr)
-            return 1  # the reports of the runs that finished are already written
-        steps = int(read_summary(run)[-1]["step"])
-        rows.append({"preset": preset, "seed": seed, "split": "val" if args.val else "test", "steps": steps,
-                     **collect(run), "wall_s": wall, "run_dir": str(run)})
-        write_outputs(out, rows, args)  # after every run: a long comparison shows (and keeps) partial results
+    jobs = [(r, s) for r in args.rows for s in args.seeds]
+    bar = tqdm(total=len(jobs), desc="compare", unit="run")
+    t_start = time.perf_counter()
+    # results are written in job order as they finish, so an interrupted suite keeps (and later reuses) its runs
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [(row, seed, pool.submit(train_one, args, row, seed, logs)) for row, seed in jobs]
+        for row, seed, fut in futures:
+            try:
+                run, wall = fut.result()
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                for *_, f in futures:
+                    f.cancel()
+                bar.close()
+                print(f"error: {e}", file=sys.stderr)
+                return 1  # the reports of the runs that finished are already written
+            bar.update(1)
+            bar.set_postfix_str(f"{row.name} seed {seed}")
+            steps = int(read_summary(run)[-1]["step"])
+            rows.append({"preset": row.name, "seed": seed, "split": "val" if args.val else "test", "steps": steps,
+                         **collect(run), "wall_s": wall, "run_dir": str(run)})
+            write_outputs(out, rows, args)  # after every run: a long comparison shows (and keeps) partial results
+    print(f"suite wall time {(time.perf_counter() - t_start) / 60:.1f} min")
     bar.close()
     print((out / "table.md").read_text())
     print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'plot.png'}")

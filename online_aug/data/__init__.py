@@ -6,10 +6,12 @@ from .datasets import (
     build_splits,
     check_disjoint,
     check_generator_data,
+    check_generator_folders,
     scan_image_folder,
     seen_record,
 )
 from .longtail import class_order, longtail_counts, longtail_indices
 
 __all__ = ["DIGIT_NAMES", "PARTS", "LabeledImages", "Splits", "build_splits", "check_disjoint", "check_generator_data",
-           "scan_image_folder", "seen_record", "class_order", "longtail_counts", "longtail_indices"]
+           "check_generator_folders", "scan_image_folder", "seen_record", "class_order", "longtail_counts",
+           "longtail_indices"]

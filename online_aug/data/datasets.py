@@ -106,6 +106,9 @@ class Splits:
     val: LabeledImages | None
     test: LabeledImages
     pool: LabeledImages | None = None
+    # the long-tail counts that define the many/medium/few groups; under data.train_with_pool they stay those of the
+    # long-tail subset, so the upper bound is scored on the same tail classes
+    shot_counts: list[int] | None = None
 
     def part(self, name: str) -> LabeledImages:
         got = getattr(self, name, None) if name in PARTS else None
@@ -263,11 +266,12 @@ def build_splits(cfg: DataConfig, train_transform=None) -> Splits:
             if n == 0:
                 raise ConfigError(f"data.pool_fraction={cfg.pool_fraction}: class {names[c]!r} has no pool image; "
                                   f"raise data.pool_fraction")
+    shot_counts = train.class_counts()
     if cfg.train_with_pool:
         if pool is None:
             raise ConfigError("data.train_with_pool=true needs a pool: set data.pool_fraction")
         train = train.concat(pool)
-    splits = Splits(train, val, test, pool)
+    splits = Splits(train, val, test, pool, shot_counts)
     check_disjoint(splits)
     train.transform = train_transform
     return splits
@@ -302,6 +306,22 @@ def check_generator_data(record: dict, splits: Splits, source: str) -> None:
             raise ConfigError(f"{source} says the generator saw {len(shared)} images of this run's {name} split "
                               f"(dataset {record.get('dataset')!r}); rebuild it with --data pool or --data train, "
                               f"or change data.split_seed back to the one it was built with")
+
+
+def check_generator_folders(folders: list[str], splits: Splits) -> None:
+    """:func:`check_generator_data` for each local generator folder (the SD's build_info.json, a fine-tuned folder's
+    manifest.json); hub ids and folders without a record are outside this data set and pass."""
+    import json
+
+    for folder in folders:
+        for name in ("build_info.json", "manifest.json"):
+            path = Path(folder) / name
+            if folder and path.is_file():
+                try:
+                    record = json.loads(path.read_text()).get("data")
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"{path} cannot be read as JSON ({e}); rebuild the generator") from e
+                check_generator_data(record or {}, splits, str(path))
 
 
 def seen_record(cfg: DataConfig, part: LabeledImages, name: str) -> dict:
