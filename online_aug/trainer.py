@@ -19,14 +19,13 @@ from . import checkpoint
 from .batches import Batch, reduce_stats
 from .config import Config, save_config
 from .data import Splits, build_splits, check_generator_folders
+from .devices import DTYPES
 from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
 from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_entropy
 from .metrics import classification_metrics, fmt
 from .model import create_classifier
 from .monitor import Monitor, NullMonitor, eval_table
 from .sources import BatchSource, build_batch_source
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def lr_lambda(cfg: Config):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from online_aug.config import AugConfig, ConfigError
+from online_aug.config import AugConfig, ConfigError, load_config
 from online_aug.policy import AugPolicy, step_rng, target_distribution, uniformize_targets
 
 
@@ -105,8 +105,9 @@ def test_uniformize_water_fills_when_alpha_is_small():
 def test_uniformize_needs_counts_and_bad_mode():
     with pytest.raises(ConfigError, match="uniformize"):
         target_distribution(AugConfig(target_mode="uniformize", alpha=0.5), None, 5)
-    with pytest.raises(ConfigError, match="target_mode"):
-        AugPolicy(AugConfig(target_mode="bogus"), 5)  # type: ignore[arg-type]
+    # an unknown mode is the config's to refuse (validated once, at load), not the policy's
+    with pytest.raises(ConfigError, match="aug.target_mode"):
+        load_config(None, ["aug.target_mode=bogus"])
 
 
 def test_step_rng_is_a_function_of_seed_rank_step():

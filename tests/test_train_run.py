@@ -72,7 +72,7 @@ def test_run_dir_layout(first_run: Path) -> None:
     for name in ("config.yaml", "summary.csv", "tb", "checkpoints"):
         assert (first_run / name).exists(), name
     cfg = load_config(first_run / "config.yaml")  # the resolved config, loadable as it is
-    assert cfg.train.steps == 6 and cfg.data.image_size == 16 and cfg.data.imbalance_ratio == 20
+    assert cfg.train.steps == 6 and cfg.data.image_size == 16 and cfg.data.imbalance_ratio == 100
     assert cfg.run.name == "baseline" and cfg.model.name == "test_resnet"
 
 
