@@ -43,7 +43,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
 # aug/* scalars every augmented batch carries (TensorBoard tags; README "TensorBoard tags"). COUNTERS are summed over
 # a log interval (edits dropped), the rest are per-batch means.
 AUG_STATS = ("aug/effective_alpha", "aug/nonfinite_dropped", "aug/filtered", "aug/gen_ms", "aug/stall_ms",
-             "aug/queue_depth")
+             "aug/queue_depth", "aug/nn_dist", "aug/near_dup")
 COUNTERS = frozenset({"aug/nonfinite_dropped", "aug/filtered"})
 
 
@@ -69,6 +69,7 @@ class Batch:
     examples: dict | None = None  # source/edited examples for the image grid, when due
     ready: object | None = None  # a CUDA event the consumer waits on before touching the tensors
     slot: int = -1  # CUDA ring slot holding the tensors (see prefetch.py)
+    edit_target: torch.Tensor | None = None  # [B] long on the device: an edit's target class, -1 for a real row
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):

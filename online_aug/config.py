@@ -255,9 +255,33 @@ class AugConfig:
     filter_metaclass: str = doc("digit", "Metaclass used in the filter prompts.")
     textual_inversion: str = doc("", "Folder written by tools/finetune_sd.py with learned class tokens.")
     lora: str = doc("", "Folder with a UNet LoRA written by tools/finetune_sd.py.")
+    adaptive: bool = doc(False, "Closed loop: the classifier's live per-class statistics steer targets, source->target "
+                                "pairs and strengths (README 'Closed loop').")
+    adaptive_every: int = doc(10, "Optimizer steps between statistics snapshots (also the all-reduce interval).")
+    adaptive_ema: float = doc(0.9, "EMA decay of the per-class statistics, per snapshot.")
+    adaptive_tau: float = doc(1.0, "Targets q ∝ prior x (error + 1e-3)^tau (0: the static prior).")
+    adaptive_floor: float = doc(0.1, "Share of q spread uniformly over classes, so no class starves.")
+    adaptive_pairs: float = doc(0.5, "Share of edits whose target is drawn from the source's confusions.")
+    adaptive_strength: float = doc(0.0, "kappa in [-1, 1]: per-target strength mid + kappa*(hi-lo)/2*(2*edit_acc-1); "
+                                        ">0 raises s where edits are already recognised, <0 lowers it; 0 off.")
+    dup_threshold: float = doc(0.05, "Near-duplicate guard: an edit whose RMS distance (8x8 gray) to its nearest "
+                                     "training image of the target class is below this is counted in aug/near_dup.")
 
     def validate(self) -> None:
         """This section's keys. Files and folders (aug.model, ...) are checked by generator.preflight."""
+        if self.adaptive:
+            if self.alpha <= 0:
+                raise ConfigError("aug.adaptive=true needs edits to steer: set aug.alpha > 0 (or aug.adaptive=false)")
+            if self.target_mode == "intra" and self.adaptive_pairs > 0:
+                raise ConfigError("aug.adaptive_pairs > 0 changes targets, which aug.target_mode=intra keeps equal "
+                                  "to the source; set aug.adaptive_pairs=0 or target_mode inter/uniformize")
+        _at_least("aug.adaptive_every", self.adaptive_every, 1)
+        _in_range("aug.adaptive_ema", self.adaptive_ema, 0, 1, hi_open=True)
+        _at_least("aug.adaptive_tau", self.adaptive_tau, 0)
+        _in_range("aug.adaptive_floor", self.adaptive_floor, 0, 1)
+        _in_range("aug.adaptive_pairs", self.adaptive_pairs, 0, 1)
+        _in_range("aug.adaptive_strength", self.adaptive_strength, -1, 1)
+        _at_least("aug.dup_threshold", self.dup_threshold, 0)
         if self.method not in METHODS:
             raise ConfigError(f"aug.method={self.method!r} is unknown; use one of {', '.join(METHODS)} "
                               f"('custom' for any other combination)")

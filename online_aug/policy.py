@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .class_stats import Snapshot
 from .config import AugConfig, ConfigError
 
 
@@ -82,6 +83,37 @@ def target_distribution(cfg: AugConfig, class_counts: list[int] | None, num_clas
     return np.full(num_classes, 1.0 / num_classes)
 
 
+def adaptive_targets(prior: torch.Tensor, acc: torch.Tensor, tau: float, floor: float) -> torch.Tensor:
+    """q ∝ prior x (error + 1e-3)^tau, then a ``floor`` share spread uniformly (no class starves)."""
+    err = (1.0 - acc.double()).clamp(min=0) + 1e-3
+    q = prior.double() * err.pow(tau)
+    q = q / q.sum()
+    return (1 - floor) * q + floor / q.numel()
+
+
+def pair_distributions(q: torch.Tensor, confusion: torch.Tensor, pairs: float) -> torch.Tensor:
+    """[C, C]: row j is p(target | source j) = (1 - pairs) q + pairs x normalise(q_i x conf_sym[j, i], i != j).
+
+    conf_sym = (confusion + confusion^T) / 2: edits of class j go toward the classes the classifier mixes up with j,
+    in either direction (hard, label-changing examples); the (1 - pairs) share follows q (exploration)."""
+    c = q.numel()
+    conf = confusion.double()
+    sym = (conf + conf.T) / 2 * (1 - torch.eye(c, dtype=torch.float64))
+    hard = q.double()[None, :] * (sym + 1e-6 * (1 - torch.eye(c, dtype=torch.float64)))
+    hard = hard / hard.sum(1, keepdim=True)
+    return (1 - pairs) * q.double()[None, :] + pairs * hard
+
+
+def adaptive_strengths(target: torch.Tensor, edit_acc: torch.Tensor, kappa: float, bounds: tuple[float, float],
+                       u: torch.Tensor) -> torch.Tensor:
+    """s = clip(mid + kappa (hi - lo)/2 (2 edit_acc[target] - 1) + (u - 1/2)(hi - lo)/2, lo, hi): kappa > 0 raises
+    the strength toward classes whose edits the classifier already recognises, kappa < 0 lowers it."""
+    lo, hi = bounds
+    half = (hi - lo) / 2
+    centre = (lo + hi) / 2 + kappa * half * (2 * edit_acc.float()[target] - 1)
+    return (centre + (u.float() - 0.5) * half).clamp(lo, hi)
+
+
 class AugPolicy:
     """Plans one batch. Holds only derived constants; all randomness comes from the ``rng`` passed to ``plan``."""
 
@@ -92,9 +124,12 @@ class AugPolicy:
         self.num_classes = num_classes
         self.target_p = torch.as_tensor(target_distribution(cfg, class_counts, num_classes), dtype=torch.float64)
         self.strength_set = torch.tensor(cfg.strengths, dtype=torch.float32)
+        self.strength_bounds = (tuple(cfg.strength_range) if cfg.strength_range
+                                else (min(cfg.strengths, default=1.0), max(cfg.strengths, default=1.0)))
 
-    def plan(self, labels: torch.Tensor, rng: torch.Generator) -> AugPlan:
-        """Plan edits for a batch of hard ``labels`` [B] (CPU tensor) with a CPU ``rng``."""
+    def plan(self, labels: torch.Tensor, rng: torch.Generator, snapshot: Snapshot | None = None) -> AugPlan:
+        """Plan edits for a batch of hard ``labels`` [B] (CPU tensor) with a CPU ``rng``; with ``aug.adaptive``,
+        targets, pairs and strengths also follow the classifier's statistics in ``snapshot``."""
         cfg, b = self.cfg, labels.numel()
         labels = labels.long().cpu()
         if cfg.exact_alpha:
@@ -109,10 +144,18 @@ class AugPolicy:
         else:
             strength = self.strength_set[torch.randint(len(self.strength_set), (m,), generator=rng)]
         source = labels[index]
-        if cfg.target_mode == "intra":
+        adaptive = cfg.adaptive and snapshot is not None
+        if cfg.target_mode == "intra" or not m:
             target = source.clone()
+        elif adaptive:
+            q = adaptive_targets(self.target_p, snapshot.acc, cfg.adaptive_tau, cfg.adaptive_floor)
+            rows = pair_distributions(q, snapshot.confusion, cfg.adaptive_pairs)[source]  # [M, C], p(target | source)
+            target = torch.multinomial(rows, 1, replacement=True, generator=rng).flatten()
         else:
-            target = torch.multinomial(self.target_p, m, replacement=True, generator=rng) if m else source.clone()
+            target = torch.multinomial(self.target_p, m, replacement=True, generator=rng)
+        if adaptive and cfg.adaptive_strength != 0 and m:
+            strength = adaptive_strengths(target, snapshot.edit_acc, cfg.adaptive_strength, self.strength_bounds,
+                                          torch.rand(m, generator=rng))
         soft = torch.nn.functional.one_hot(labels, self.num_classes).float()
         if m:
             # scatter_add makes target == source (every intra edit) a hard label: (1 - w) + w on one class

@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import torch
 
-
 from .batches import Batch, no_edit_stats, real_batch
 
 _POLL_S = 0.05  # how often blocked threads re-check for shutdown or a dead producer
@@ -43,10 +42,15 @@ class _CudaRing:
         if self.released[i] is not None:
             stream.wait_event(self.released[i])  # the trainer's last use of this slot is done (device-side wait)
         if self.slots[i] is None:
-            self.slots[i] = (torch.empty_like(batch.images), torch.empty_like(batch.targets))
-        images, targets = self.slots[i]
+            edit_target = batch.edit_target if batch.edit_target is not None else torch.empty(0)
+            self.slots[i] = (torch.empty_like(batch.images), torch.empty_like(batch.targets),
+                             torch.empty_like(edit_target, device=batch.images.device))
+        images, targets, edit_target = self.slots[i]
         images.copy_(batch.images, non_blocking=True)
         targets.copy_(batch.targets, non_blocking=True)
+        if batch.edit_target is not None:  # read by the trainer's statistics: it lives in the ring like the rest
+            edit_target.copy_(batch.edit_target, non_blocking=True)
+            batch.edit_target = edit_target
         ready = torch.cuda.Event()
         ready.record(stream)
         batch.images, batch.targets, batch.ready = images, targets, ready

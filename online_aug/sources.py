@@ -22,6 +22,7 @@ import torch
 
 from .augment import build_augmenter
 from .batches import Batch, real_batch, real_loader
+from .class_stats import SnapshotBoard
 from .config import Config
 from .prefetch import Prefetcher
 
@@ -112,15 +113,16 @@ class CMOSource:
 
 
 def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, world: int, micro_bs: int,
-                       start: int, accum: int = 1) -> BatchSource:
-    """The run's source of micro-batches for this rank, starting at micro-step ``start`` (resume)."""
+                       start: int, accum: int = 1, board: SnapshotBoard | None = None) -> BatchSource:
+    """The run's source of micro-batches for this rank, starting at micro-step ``start`` (resume); ``board``: the
+    closed loop's published statistics (``aug.adaptive``)."""
     loader = real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed, start=start,
                          num_workers=cfg.data.num_workers, sampler=cfg.data.sampler)
     source: BatchSource
     if cfg.aug.alpha <= 0:
         source = RealSource(loader, device, splits.num_classes, start)
     else:
-        augment = build_augmenter(cfg, splits, device, rank, accum)
+        augment = build_augmenter(cfg, splits, device, rank, accum, board)
         if not cfg.aug.prefetch:
             source = SyncAugmentedSource(loader, augment, device, start)
         else:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .batches import Batch, reduce_stats
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .data import Splits, build_splits, check_generator_folders
 from .devices import DTYPES
 from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
@@ -47,6 +47,15 @@ def train_transform(cfg: Config):
     from timm.data.auto_augment import rand_augment_transform
 
     return rand_augment_transform(cfg.train.randaugment, {"translate_const": int(cfg.data.image_size * 0.45)})
+
+
+def confusion_image(pred: np.ndarray, labels: np.ndarray, num_classes: int, cell: int = 8) -> torch.Tensor:
+    """Row-normalised confusion matrix (row: true class, column: predicted) as a [3, H, W] heat map in [0, 1]."""
+    conf = np.zeros((num_classes, num_classes))
+    np.add.at(conf, (labels, pred), 1)
+    conf = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    img = torch.as_tensor(conf, dtype=torch.float32).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    return img[None].repeat(3, 1, 1)
 
 
 class Trainer:
@@ -90,10 +99,21 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world, self.precision))
 
+        self.loop = None  # the closed loop (aug.adaptive): live class statistics steer the policy
+        if cfg.aug.adaptive:
+            from .closed_loop import ClosedLoop
+
+            self.loop = ClosedLoop(cfg, self.num_classes, self.class_counts, self.splits.class_names, self.accum,
+                                   self.device)
         self.start_step = 0
         if resume_from is not None:
             client = checkpoint.load(self.engine, *resume_from)
             self.start_step = int(client["step"])
+            if self.loop is not None:
+                if "adaptive" not in client:
+                    raise ConfigError("aug.adaptive=true but the checkpoint holds no closed-loop statistics (it was "
+                                      "trained without aug.adaptive); resume with aug.adaptive=false or start anew")
+                self.loop.load_state_dict(client["adaptive"])
 
         self.mixup = None
         if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
@@ -110,7 +130,8 @@ class Trainer:
 
     def _batch_source(self) -> BatchSource:
         return build_batch_source(self.cfg, self.splits, self.device, self.rank, self.world, self.micro_bs,
-                                  self.start_step * self.accum, self.accum)
+                                  self.start_step * self.accum, self.accum,
+                                  board=self.loop.board if self.loop is not None else None)
 
     # ------------------------------------------------------------------ loop
 
@@ -151,10 +172,14 @@ class Trainer:
                 if done % t.eval_every == 0 or done == t.steps:
                     metrics = self.evaluate(done, t.eval_split)
                 if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
-                    checkpoint.save(engine, self.run_dir, done, {"micro_step": done * self.accum}, t.keep_last,
-                                    self.rank)
+                    client = {"micro_step": done * self.accum}
+                    if self.loop is not None:
+                        client["adaptive"] = self.loop.state_dict()
+                    checkpoint.save(engine, self.run_dir, done, client, t.keep_last, self.rank)
                 self.monitor.progress(1)
         finally:
+            if self.loop is not None:
+                self.loop.close()  # wakes a producer waiting for a snapshot, so close() can join it
             self.source.close()
         self.monitor.close()
         if self.rank == 0 and metrics:
@@ -181,6 +206,8 @@ class Trainer:
         y = smooth(y, self.cfg.train.label_smoothing)
         logits = self.engine(x.to(self.dtype))
         loss = soft_cross_entropy(logits, y, self.class_weight(batch.step // self.accum))
+        if self.loop is not None and (values := self.loop.observe(logits, batch)):
+            self.monitor.scalars(batch.step // self.accum + 1, values)
         self.engine.backward(loss)
         self.engine.step()
         self.source.release(batch)  # its buffers may be refilled once the work queued above is done
@@ -225,6 +252,7 @@ class Trainer:
         scalars = {f"eval/{k}" if not k.startswith("class_acc/") else
                    f"eval/class_acc/{self.splits.class_names[int(k.split('/')[1])]}": v for k, v in m.items()}
         self.monitor.scalars(step, scalars)
+        self.monitor.images("eval/confusion", step, confusion_image(out, ds.labels, self.num_classes))
         row = {"step": step, **{k: v for k, v in getattr(self, "last_train", {}).items()},
                **{f"eval_{k}": v for k, v in m.items() if not k.startswith("class_acc/")}}
         self.monitor.summary_row(row)
