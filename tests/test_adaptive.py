@@ -246,7 +246,7 @@ def _train(args: list[str], env: dict[str, str]) -> None:
 
 @pytest.mark.slow
 def test_resume_continues_the_closed_loop_bit_for_bit(tmp_path: Path, clean_env: dict[str, str]) -> None:
-    """straight 8 steps == 4 steps + resume + 4 steps, with snapshots every 2 steps (some from before the break)."""
+    """straight 8 steps == 4 steps + resume + 4 steps; snapshots every 2 steps (some from before the break)."""
     sd = save_tiny_sd(tmp_path / "sd")
     common = ["--config", "configs/baseline.yaml", "data.image_size=16", "train.batch_size=16", "model.name=test_resnet",
               "train.eval_every=4", "train.log_every=1", "aug.alpha=0.5", f"aug.model={sd}", "aug.steps=1",
