@@ -4,8 +4,9 @@
 #   models/tiny-sd-digits-pool-agnostic   pretrained on the pool with one prompt, "a photo" (knows the domain only)
 #   models/ft-digits-pool-agnostic        TI + LoRA (rank 10) of the agnostic model on the classifier's LT subset
 #                                         (Diff-Mix's fine-tuning; the Diff-* presets and the demo)
-#   models/ti-digits-pool-agnostic        TI only, tokens initialised from the class names (DA-Fusion)
-#   models/ti-digits-pool-agnostic-leakage-free   TI only, tokens initialised from the word "a" (DA-Fusion §6.1)
+#   models/ti-digits-pool                 TI on the class-named pool model, tokens from the class names (DA-Fusion:
+#                                         TI needs a UNet that reads its text, as real SD does; README fine-tuning)
+#   models/ti-digits-pool-leakage-free    the same, tokens from the word "a", prompt without the class name (§6.1)
 #   models/tiny-sd-digits-lt100           trained on the classifier's LT subset only (the ablation)
 # Usage: bash tools/build_longtail_generators.sh [PYTHON]   (about 40 min on 2 CPU cores; two jobs at a time)
 set -euo pipefail
@@ -18,17 +19,19 @@ tiny() {  # OUT DATA [extra args]: one thread per job, two jobs share the 2 core
   built "$out" || OMP_NUM_THREADS=1 $PY tools/build_tiny_sd.py --config $CFG --data "$data" --out "$out" \
     --no-progress --force "$@"
 }
-tune() {  # OUT [extra args]: fine-tune the agnostic pool model on the classifier's long-tail subset
-  local out=$1; shift
-  built "$out" || OMP_NUM_THREADS=1 $PY tools/finetune_sd.py --config $CFG \
-    --model models/tiny-sd-digits-pool-agnostic --template "a photo" --eval --out "$out" --force --no-progress "$@"
+tune() {  # OUT BASE [extra args]: fine-tune a pool model on the classifier's long-tail subset
+  local out=$1 base=$2; shift 2
+  built "$out" || OMP_NUM_THREADS=1 $PY tools/finetune_sd.py --config $CFG --model "$base" --eval --out "$out" \
+    --force --no-progress "$@"
 }
 tiny models/tiny-sd-digits-pool pool &
 tiny models/tiny-sd-digits-pool-agnostic pool --prompt "a photo" &
 wait
 tiny models/tiny-sd-digits-lt100 train &
-tune models/ft-digits-pool-agnostic --steps 2000 --lora-rank 10 --lr 0.005 --lora-lr 0.001 &
+tune models/ft-digits-pool-agnostic models/tiny-sd-digits-pool-agnostic --template "a photo" --steps 2000 \
+  --lora-rank 10 --lr 0.005 --lora-lr 0.001 &
 wait
-tune models/ti-digits-pool-agnostic --steps 1000 --lr 0.005 &
-tune models/ti-digits-pool-agnostic-leakage-free --steps 1000 --lr 0.005 --init-word a &
+tune models/ti-digits-pool models/tiny-sd-digits-pool --template "a photo of the digit {token}" --steps 600 &
+tune models/ti-digits-pool-leakage-free models/tiny-sd-digits-pool --template "a photo of the digit {token}" \
+  --init-word a --steps 400 --lr 0.05 &
 wait

@@ -77,7 +77,10 @@ def load_suite(name: str) -> dict[str, Any]:
     for i, r in enumerate(data.get("rows", [])):
         if not isinstance(r, dict) or "name" not in r or "preset" not in r:
             raise ConfigError(f"{path.relative_to(ROOT)}: rows[{i}] needs a name and a preset")
-        rows.append(Row(str(r["name"]), str(r["preset"]), [str(x) for x in r.get("set", [])]))
+        flat: list[str] = []
+        for x in r.get("set", []):  # a YAML alias (&common / *common) nests a shared list: flatten it
+            flat += [str(y) for y in x] if isinstance(x, list) else [str(x)]
+        rows.append(Row(str(r["name"]), str(r["preset"]), flat))
     data["rows"] = rows
     return data
 
@@ -117,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds = args.seeds or ([0] if args.quick else suite.get("seeds"))
         args.out = args.out or suite.get("out")
         args.title = suite.get("title", args.title)
+        args.runs = suite.get("runs")
     else:
         args.rows = [Row(n, n) for n in (args.presets or (DEFAULT_PRESETS[:2] if args.quick else DEFAULT_PRESETS))]
     if not args.out:
@@ -131,10 +135,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def runs_dir(args: argparse.Namespace) -> Path:
+    """Where the runs live: ``<out>/runs``, or a suite's ``runs:`` folder shared with another suite (a row with the
+    same name and resolved config is then trained once and reported in both tables)."""
+    return Path(args.runs) if getattr(args, "runs", None) else Path(args.out) / "runs"
+
+
 def run_overrides(args: argparse.Namespace, row: Row | str, seed: int) -> list[str]:
     row = Row(row, row) if isinstance(row, str) else row
     preset = row.preset
-    out = [f"run.name={row.slug}-seed{seed}", f"run.seed={seed}", f"run.out_dir={Path(args.out) / 'runs'}"]
+    out = [f"run.name={row.slug}-seed{seed}", f"run.seed={seed}", f"run.out_dir={runs_dir(args)}"]
     if args.steps:
         # one evaluation at the end: intermediate test numbers invite picking the best step, which is tuning on test
         out += [f"train.steps={args.steps}", f"train.eval_every={args.steps}"]
@@ -190,7 +200,7 @@ def read_summary(run: Path) -> list[dict[str, str]]:
 
 def train_one(args: argparse.Namespace, row: Row, seed: int, logs: Path) -> tuple[Path, float]:
     """Run train.py for one (row, seed); returns its run folder and wall time. Raises with the log's tail."""
-    runs = Path(args.out) / "runs"
+    runs = runs_dir(args)
     preset = row.preset
     name = f"{row.slug}-seed{seed}"
     overrides = run_overrides(args, row, seed)
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    (out / "runs").mkdir(exist_ok=True)
+    runs_dir(args).mkdir(parents=True, exist_ok=True)
     # runs/ (checkpoints, ~60 MB each) and logs/ are the raw material; only the three reports belong in git
     (out / ".gitignore").write_text("runs/\nlogs/\n")
     rows: list[dict] = []
