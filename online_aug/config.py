@@ -56,6 +56,8 @@ class RunConfig:
     out_dir: str = doc("runs", "Parent folder of run directories.")
     seed: int = doc(0, "Seed for model init, data order and the per-step augmentation RNG.")
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "Where the classifier and generator run.")
+    reference: str = doc("", "<results.csv>:<row> of tools/compare.py printed beside the final table (mean over its "
+                             "seeds), e.g. the committed CE baseline of the same split; empty: none.")
 
     def validate(self) -> None:
         if not self.name or "/" in self.name or "\\" in self.name:

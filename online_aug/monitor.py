@@ -88,12 +88,39 @@ class Monitor(NullMonitor):
         self.writer.close()
 
 
-def eval_table(metrics: dict[str, float], class_names: list[str], train_counts: list[int]) -> str:
-    """The final evaluation as a plain-text table (percentages)."""
-    lines = [f"{'metric':<22}{'value':>8}", "-" * 30]
+def eval_table(metrics: dict[str, float], class_names: list[str], train_counts: list[int],
+               reference: tuple[str, dict[str, float]] | None = None) -> str:
+    """The final evaluation as a plain-text table (percentages); ``reference`` = (label, metrics in %) adds a column
+    (a committed baseline on the same split, see :func:`load_reference`)."""
+    ref_label, ref = reference if reference else ("", {})
+    width = max(8, len(ref_label) + 2)
+    head = f"{'metric':<22}{'value':>8}" + (f"{ref_label:>{width}}" if reference else "")
+    rule = "-" * len(head)
+    lines = [head, rule]
     for k in ("top1", "balanced_acc", "acc_many", "acc_medium", "acc_few"):
-        lines.append(f"{k:<22}{fmt(metrics.get(k, math.nan)):>8}")
-    lines.append("-" * 30)
+        row = f"{k:<22}{fmt(metrics.get(k, math.nan)):>8}"
+        if reference:
+            v = ref.get(k, math.nan)
+            row += f"{('n/a' if math.isnan(v) else f'{v:.2f}'):>{width}}"
+        lines.append(row)
+    lines.append(rule)
     for c, name in enumerate(class_names):
         lines.append(f"{name + f' (n={train_counts[c]})':<22}{fmt(metrics.get(f'class_acc/{c}', math.nan)):>8}")
     return "\n".join(lines)
+
+
+def load_reference(spec: str) -> tuple[str, dict[str, float]] | None:
+    """``run.reference`` = ``<results.csv>:<row>`` (a tools/compare.py table): the row's mean over its seeds, in %.
+
+    Returns None (and the caller prints why) when the file or row is missing: the reference is a courtesy column,
+    never a reason to fail a run that has trained."""
+    path, _, row = spec.rpartition(":")
+    if not path or not Path(path).is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("preset") == row and r.get("split", "test") == "test"]
+    if not rows:
+        return None
+    keys = ("top1", "balanced_acc", "acc_many", "acc_medium", "acc_few")
+    means = {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys if all(r.get(k) for r in rows)}
+    return f"{row} ({len(rows)} seeds)", means

@@ -24,7 +24,7 @@ from .distributed import deepspeed_config, init_distributed, micro_batch, resolv
 from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_entropy
 from .metrics import classification_metrics, fmt
 from .model import create_classifier
-from .monitor import Monitor, NullMonitor, eval_table
+from .monitor import Monitor, NullMonitor, eval_table, load_reference
 from .sources import BatchSource, build_batch_source
 
 
@@ -184,7 +184,14 @@ class Trainer:
         self.monitor.close()
         if self.rank == 0 and metrics:
             print(f"\nfinal evaluation ({t.eval_split} split, %):")
-            print(eval_table(metrics, self.splits.class_names, self.splits.shot_counts))
+            ref = None
+            if self.cfg.run.reference and t.eval_split == "test":
+                ref = load_reference(self.cfg.run.reference)
+                if ref is None:
+                    print(f"(run.reference={self.cfg.run.reference!r}: no such file or row; no reference column)")
+            print(eval_table(metrics, self.splits.class_names, self.splits.shot_counts, ref))
+            if ref is not None:
+                print(f"reference column: {self.cfg.run.reference} (tools/compare.py, same split, mean over seeds)")
             print(f"\nrun directory: {self.run_dir}")
             print(f"tensorboard --logdir {self.run_dir / 'tb'}")
         return metrics

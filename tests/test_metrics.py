@@ -74,3 +74,19 @@ def test_empty_eval_set() -> None:
 def test_fmt() -> None:
     assert fmt(0.5) == "50.00"
     assert fmt(float("nan")) == "n/a"
+
+
+def test_reference_column_is_the_mean_of_a_compare_row(tmp_path) -> None:
+    from online_aug.monitor import eval_table, load_reference
+
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text("preset,seed,split,steps,top1,balanced_acc,acc_many,acc_medium,acc_few,wall_s,run_dir\n"
+                        "CE,0,test,300,70.0,69.0,100.0,99.0,50.0,1,x\n"
+                        "CE,1,test,300,72.0,71.0,100.0,97.0,54.0,1,y\n"
+                        "Diff-Mix,0,test,300,80.0,79.0,100.0,99.0,70.0,1,z\n")
+    label, ref = load_reference(f"{csv_path}:CE")
+    assert label == "CE (2 seeds)" and ref["top1"] == 71.0 and ref["acc_few"] == 52.0
+    table = eval_table({"top1": 0.9, "balanced_acc": 0.9, "acc_few": 0.8}, ["a"], [3], (label, ref))
+    top = next(line for line in table.splitlines() if line.startswith("top1"))
+    assert top.split()[1:] == ["90.00", "71.00"]
+    assert load_reference(f"{csv_path}:nope") is None and load_reference(f"{tmp_path}/absent.csv:CE") is None
