@@ -17,6 +17,7 @@ import torch
 
 from .class_stats import Snapshot
 from .config import AugConfig, ConfigError
+from .rng import step_rng as step_rng  # the rng a plan is drawn with; re-exported for the policy's callers
 
 
 @dataclass
@@ -165,10 +166,3 @@ class AugPolicy:
             edited.scatter_add_(1, target[:, None], w[:, None])
             soft[index] = edited
         return AugPlan(index=index, strength=strength.float(), source=source, target=target, soft_label=soft)
-
-
-def step_rng(seed: int, rank: int, step: int) -> torch.Generator:
-    """The RNG of one (seed, rank, step): reproducible, independent of threads, continued exactly on resume."""
-    g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1))
-    return g

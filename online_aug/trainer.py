@@ -25,20 +25,14 @@ from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_
 from .metrics import classification_metrics, fmt
 from .model import create_classifier
 from .monitor import Monitor, NullMonitor, eval_table, load_reference
+from .schedules import warmup_cosine
 from .sources import BatchSource, build_batch_source
 
 
 def lr_lambda(cfg: Config):
     """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
     t = cfg.train
-
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / max(1, t.warmup_steps)
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
+    return lambda step: warmup_cosine(step, t.warmup_steps, t.steps, t.min_lr_ratio)
 
 
 def train_transform(cfg: Config):

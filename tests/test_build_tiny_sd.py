@@ -1,31 +1,25 @@
-"""tools/build_tiny_sd.py: a few-step build loads as an img2img pipeline; the committed model passes its gate."""
+"""online_aug.tiny_sd (run by tools/build_tiny_sd.py): a few-step build loads as an img2img pipeline; the committed
+model passes its gate."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from online_aug import tiny_sd
+from online_aug.config import ConfigError, load_config
+from online_aug.data import build_splits
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "models" / "tiny-sd-digits"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("build_tiny_sd", ROOT / "tools" / "build_tiny_sd.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["build_tiny_sd"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_tokenizer_makes_each_prompt_word_one_token():
-    tool = _tool()
-    words = tool.prompt_words(["a photo of the digit seven", "a photo of the digit three"])
-    tok = tool.build_tokenizer(words)
+    words = tiny_sd.prompt_words(["a photo of the digit seven", "a photo of the digit three"])
+    tok = tiny_sd.build_tokenizer(words)
     assert tok.tokenize("a photo of the digit seven") == ["a</w>", "photo</w>", "of</w>", "the</w>", "digit</w>",
                                                          "seven</w>"]
     ids = tok("a photo").input_ids
@@ -36,14 +30,10 @@ def test_tokenizer_makes_each_prompt_word_one_token():
 def test_tiny_build_loads_in_img2img_pipeline(tmp_path: Path):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from online_aug.config import load_config
-    from online_aug.data import build_splits
-
-    tool = _tool()
     cfg = load_config(None, ["data.imbalance_ratio=20"])
     splits = build_splits(cfg.data)
-    opts = tool.BuildOptions(steps=3, vae_steps=3, batch_size=8, seed=0, prompt="a photo", show_progress=False)
-    record = tool.build_tiny_sd(cfg, splits, tmp_path / "sd", opts)
+    opts = tiny_sd.BuildOptions(steps=3, vae_steps=3, batch_size=8, seed=0, prompt="a photo", show_progress=False)
+    record = tiny_sd.build_tiny_sd(cfg, splits, tmp_path / "sd", opts)
     assert record["prompt_template"] == "a photo"  # a template without {name} is allowed (class-agnostic)
     assert record["data"]["class_counts"] == splits.train.class_counts()
     assert json.loads((tmp_path / "sd" / "build_info.json").read_text())["options"]["steps"] == 3
@@ -63,19 +53,27 @@ def test_tiny_build_loads_in_img2img_pipeline(tmp_path: Path):
 def test_build_is_deterministic_for_a_seed(tmp_path: Path):
     from safetensors.torch import load_file
 
-    from online_aug.config import load_config
-    from online_aug.data import build_splits
-
-    tool = _tool()
     cfg = load_config(None, ["data.imbalance_ratio=20"])
     splits = build_splits(cfg.data)
-    opts = tool.BuildOptions(steps=2, vae_steps=2, batch_size=8, seed=3, show_progress=False)
+    opts = tiny_sd.BuildOptions(steps=2, vae_steps=2, batch_size=8, seed=3, show_progress=False)
     weights = []
     for name in ("a", "b"):
-        tool.build_tiny_sd(cfg, splits, tmp_path / name, opts)
+        tiny_sd.build_tiny_sd(cfg, splits, tmp_path / name, opts)
         weights.append(load_file(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_prompts_are_checked_before_training():
+    """A template or class names that cannot make one prompt per class fail before any training step."""
+    cfg = load_config(None, ["data.imbalance_ratio=20"])
+    splits = build_splits(cfg.data)
+    with pytest.raises(ConfigError, match=r"--prompt='a \{token\}' uses \{token\}"):
+        tiny_sd.resolve_prompts(cfg, splits, tiny_sd.BuildOptions(prompt="a {token}"))
+    with pytest.raises(ConfigError, match=r"aug\.class_names has 2 names but the dataset has 10 classes"):
+        tiny_sd.resolve_prompts(cfg, splits, tiny_sd.BuildOptions(class_names=["a", "b"]))
+    template, names, prompts = tiny_sd.resolve_prompts(cfg, splits, tiny_sd.BuildOptions())
+    assert prompts[3] == template.format(name=names[3])
 
 
 def test_committed_model_meets_quality_gate():

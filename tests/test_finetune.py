@@ -1,4 +1,5 @@
-"""tools/finetune_sd.py and online_aug.generator.finetuned: textual inversion (+ LoRA) learned, saved, loaded.
+"""online_aug.finetune (run by tools/finetune_sd.py) and online_aug.generator.finetuned: textual inversion (+ LoRA)
+learned, saved, loaded.
 
 Most tests use the random tiny SD of tests/tiny_sd.py (its character-level tokenizer splits every class name, which
 is what the initializer test needs); the learning tests use the committed models/tiny-sd-digits (which learned the
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,21 @@ from tiny_sd import build_tiny_tokenizer, save_tiny_sd
 
 from online_aug.config import AugConfig, Config, ConfigError, load_config
 from online_aug.data import Splits, build_splits
+from online_aug.edit_quality import edit_target_rates
+from online_aug.finetune import FinetuneError, FinetuneOptions, evaluate, finetune, format_eval, init_embeddings
 from online_aug.generator import SDEditGenerator, load_sd
-from online_aug.generator.finetuned import (
-    LORA_FILE,
-    MANIFEST,
-    class_prompts,
-    edit_target_rates,
-    init_embeddings,
-    render_prompt,
-)
+from online_aug.generator.finetuned import LORA_FILE, MANIFEST, apply_finetuned
+from online_aug.generator.prompts import class_prompts, render_prompt
+from tools import finetune_sd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import finetune_sd  # noqa: E402
 
 DEMO_SD = ROOT / "models" / "tiny-sd-digits"
 AGNOSTIC_SD = ROOT / "models" / "tiny-sd-digits-agnostic"
 TEMPLATE = "a photo of a {token} {name}"  # Diff-Mix's "[v_i] [metaclass]" form
+# The split the committed tiny SDs were built on (their build_info.json): the learning tests fine-tune on the images
+# those models know, whatever split configs/demo.yaml uses today.
+BUILT_ON = ["data.imbalance_ratio=20", "data.val_per_class=0", "data.pool_fraction=0"]
 CPU = torch.device("cpu")
 
 
@@ -56,18 +54,18 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
-def _opts(**kw: Any) -> finetune_sd.FinetuneOptions:
+def _opts(**kw: Any) -> FinetuneOptions:
     d: dict[str, Any] = dict(steps=4, batch_size=8, lr=0.05, lora_rank=2, lora_lr=0.05, warmup=1, template=TEMPLATE,
                              show_progress=False)
     d.update(kw)
-    return finetune_sd.FinetuneOptions(**d)
+    return FinetuneOptions(**d)
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory, cfg: Config, splits: Splits, base: Path) -> Path:
     """TI + LoRA (rank 2) after 4 steps, with a checkpoint every 2."""
     out = tmp_path_factory.mktemp("ft") / "ti-lora"
-    finetune_sd.finetune(cfg, splits, str(base), out, _opts(ckpt_every=2))
+    finetune(cfg, splits, str(base), out, _opts(ckpt_every=2))
     return out
 
 
@@ -122,8 +120,6 @@ def test_learned_rows_only_change(tuned: Path, base: Path) -> None:
     comps = load_sd(str(base), CPU, torch.float32)
     before = comps.text_encoder.get_input_embeddings().weight.clone()
     gen_cfg = _aug(base, tuned, lora=False)
-    from online_aug.generator.finetuned import apply_finetuned
-
     tokens = apply_finetuned(comps, gen_cfg, 10)
     after = comps.text_encoder.get_input_embeddings().weight
     assert after.shape[0] == before.shape[0] + 10
@@ -134,8 +130,8 @@ def test_learned_rows_only_change(tuned: Path, base: Path) -> None:
 
 def test_resume_continues_exactly(tmp_path: Path, cfg: Config, splits: Splits, base: Path, tuned: Path) -> None:
     out = tmp_path / "resumed"
-    finetune_sd.finetune(cfg, splits, str(base), out, _opts(steps=2))
-    m = finetune_sd.finetune(cfg, splits, str(base), out, _opts(steps=4), resume=True)
+    finetune(cfg, splits, str(base), out, _opts(steps=2))
+    m = finetune(cfg, splits, str(base), out, _opts(steps=4), resume=True)
     assert m["resumed_from_step"] == 2 and m["steps"] == 4
     from safetensors.torch import load_file
 
@@ -148,16 +144,16 @@ def test_resume_continues_exactly(tmp_path: Path, cfg: Config, splits: Splits, b
 
 def test_resume_from_another_run_is_an_error(tmp_path: Path, cfg: Config, splits: Splits, base: Path,
                                              tuned: Path) -> None:
-    with pytest.raises(finetune_sd.FinetuneError, match=r"another run \(different template\)"):
-        finetune_sd.finetune(cfg, splits, str(base), tuned, _opts(template="a photo {token}"), resume=True)
+    with pytest.raises(FinetuneError, match=r"another run \(different template\)"):
+        finetune(cfg, splits, str(base), tuned, _opts(template="a photo {token}"), resume=True)
     other = save_tiny_sd(tmp_path / "other-sd", seed=1)  # same architecture, other weights
-    with pytest.raises(finetune_sd.FinetuneError, match=r"another run \(different base, base_model\)"):
-        finetune_sd.finetune(cfg, splits, str(other), tuned, _opts(), resume=True)
+    with pytest.raises(FinetuneError, match=r"another run \(different base, base_model\)"):
+        finetune(cfg, splits, str(other), tuned, _opts(), resume=True)
     three = load_config(None, ["data.image_size=16", "aug.class_names=[a,b,c,d,e,f,g,h,i,j]"])
-    with pytest.raises(finetune_sd.FinetuneError, match=r"different class_names, .*tokens"):
-        finetune_sd.finetune(three, splits, str(base), tuned, _opts(), resume=True)
-    with pytest.raises(finetune_sd.FinetuneError, match=r"holds no checkpoint"):
-        finetune_sd.finetune(cfg, splits, str(base), tmp_path / "empty", _opts(), resume=True)
+    with pytest.raises(FinetuneError, match=r"different class_names, .*tokens"):
+        finetune(three, splits, str(base), tuned, _opts(), resume=True)
+    with pytest.raises(FinetuneError, match=r"holds no checkpoint"):
+        finetune(cfg, splits, str(base), tmp_path / "empty", _opts(), resume=True)
     # The CLI refuses to overwrite a finished folder without --resume / --force.
     assert finetune_sd.main(["--model", str(base), "--out", str(tuned), "--steps", "1", "--no-progress"]) == 2
 
@@ -174,9 +170,9 @@ def test_initializer_split_into_several_tokens(cfg: Config, splits: Splits, base
     with pytest.raises(ValueError, match=r"'zero' is split by the tokenizer into 4 tokens \['z', 'e', 'r', 'o</w>'\]"):
         init_embeddings(tok, comps.text_encoder, ["zero"], "error")
     with pytest.raises(ConfigError, match=r"--init-word: .*'zero' is split"):
-        finetune_sd.finetune(cfg, splits, str(base), tmp_path / "x", _opts(init_split="error"))
+        finetune(cfg, splits, str(base), tmp_path / "x", _opts(init_split="error"))
     # A single-token initializer passes the strict mode.
-    m = finetune_sd.finetune(cfg, splits, str(base), tmp_path / "y", _opts(steps=1, lora_rank=0, init_word="a",
+    m = finetune(cfg, splits, str(base), tmp_path / "y", _opts(steps=1, lora_rank=0, init_word="a",
                                                                           init_split="error"))
     assert m["init_subtokens"][0] == ["a</w>"] and m["lora"] is None
 
@@ -243,19 +239,20 @@ def test_textual_inversion_learns_the_classes(tmp_path: Path) -> None:
     """Tokens initialised from an uninformative word ("a", the same for every class) learn each class from the
     training split: s=0.9 edits toward a target go from chance to landing on it (README: "Fine-tuning the
     generator" has the full-budget numbers from tools/finetune_sd.py --eval)."""
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", BUILT_ON)
     splits = build_splits(cfg.data)
     out, template = tmp_path / "ti", "a photo of the digit {token}"
-    finetune_sd.finetune(cfg, splits, str(DEMO_SD), out, finetune_sd.FinetuneOptions(
+    finetune(cfg, splits, str(DEMO_SD), out, FinetuneOptions(
         steps=60, batch_size=32, lr=0.05, warmup=10, template=template, init_word="a", init_split="error",
         show_progress=False))
     kw: dict[str, Any] = dict(n_edits=100, modes=("fewstep",), seed=0)
     # Before: every class prompted with the initializer, i.e. what the tokens are before training.
+    x, y = splits.train.tensors()
     before = edit_target_rates(load_sd(str(DEMO_SD), CPU, torch.float32), [render_prompt(template, "a", None)] * 10,
-                               splits, **kw)
+                               x, y, **kw)
     gen = SDEditGenerator.from_config(AugConfig(model=str(DEMO_SD), prompt=template, textual_inversion=str(out)),
                                       splits.class_names, CPU)
-    after = edit_target_rates(gen.components, gen.class_prompts, splits, **kw)
+    after = edit_target_rates(gen.components, gen.class_prompts, x, y, **kw)
     b, a = before["modes"]["fewstep"]["0.9"]["target_rate"], after["modes"]["fewstep"]["0.9"]["target_rate"]
     assert b < 0.25, b  # about chance (0.1): one prompt for all classes cannot pick a target
     assert a >= 0.6 and a > b + 0.4, (b, a)
@@ -264,14 +261,14 @@ def test_textual_inversion_learns_the_classes(tmp_path: Path) -> None:
 def test_eval_measures_before_names_and_after(tuned: Path, base: Path, cfg: Config, splits: Splits) -> None:
     """--eval: the same edits judged three ways; 'before' starts from the tokens' initial values."""
     m = json.loads((tuned / MANIFEST).read_text())
-    ev = finetune_sd.evaluate(cfg, splits, str(base), tuned, m, n_edits=10, guidance_scale=2.0, device=CPU,
+    ev = evaluate(cfg, splits, str(base), tuned, m, n_edits=10, guidance_scale=2.0, device=CPU,
                               show_progress=False)
     for k in ("before", "names", "after"):
         for mode in ("fewstep", "grid"):
             cell = ev[k]["modes"][mode]["0.9"]
             assert 0.0 <= cell["target_rate"] <= 1.0, (k, mode, cell)
     assert ev["chance"] == pytest.approx(0.1)
-    table = finetune_sd.format_eval(ev).splitlines()
+    table = format_eval(ev).splitlines()
     assert "names" in table[0] and "before" in table[0] and len(table) == 3
 
 
@@ -281,18 +278,19 @@ def test_ti_plus_lora_teaches_a_class_agnostic_model(tmp_path: Path) -> None:
     (Diff-Mix's TI + LoRA) on the training split make s=0.9 edits land on the target. TI alone cannot do this on a
     model whose UNet only ever saw one prompt (README); the budget here is the smallest that measured reliably
     above chance (1500 steps: 0.81; 800: 0.13)."""
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", BUILT_ON)
     splits = build_splits(cfg.data)
     out, template = tmp_path / "ti-lora", "a photo"
-    finetune_sd.finetune(cfg, splits, str(AGNOSTIC_SD), out, finetune_sd.FinetuneOptions(
+    finetune(cfg, splits, str(AGNOSTIC_SD), out, FinetuneOptions(
         steps=2000, batch_size=32, lr=0.05, lora_rank=10, lora_lr=1e-2, warmup=20, template=template,
         show_progress=False))
     kw: dict[str, Any] = dict(n_edits=100, modes=("fewstep",), seed=0)
-    before = edit_target_rates(load_sd(str(AGNOSTIC_SD), CPU, torch.float32), [template] * 10, splits, **kw)
+    x, y = splits.train.tensors()
+    before = edit_target_rates(load_sd(str(AGNOSTIC_SD), CPU, torch.float32), [template] * 10, x, y, **kw)
     aug = AugConfig(model=str(AGNOSTIC_SD), prompt=template, textual_inversion=str(out), lora=str(out))
     gen = SDEditGenerator.from_config(aug, splits.class_names, CPU)
     assert gen.class_prompts[3] == "a photo <three>"
-    after = edit_target_rates(gen.components, gen.class_prompts, splits, **kw)
+    after = edit_target_rates(gen.components, gen.class_prompts, x, y, **kw)
     b, a = before["modes"]["fewstep"]["0.9"]["target_rate"], after["modes"]["fewstep"]["0.9"]["target_rate"]
     assert b < 0.25, b  # about chance (0.1)
     assert a >= 0.5 and a > b + 0.3, (b, a)

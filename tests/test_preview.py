@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,12 @@ import torch
 from PIL import Image
 from tiny_sd import save_tiny_sd
 
+from online_aug.config import AugConfig
+from online_aug.policy import AugPolicy
+from online_aug.rng import step_rng
+from tools import preview
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import preview  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +63,18 @@ def test_grid_captions_are_the_soft_labels() -> None:
     img = preview.render_grid(real, real[:, None].repeat(1, 3, 1, 1, 1), [0.1, 0.5, 1.0], [0, 1], [1, 0],
                               ["zero", "one"], 0.5, cell=40, title="t")
     assert img.width > 4 * 40 and img.height > 2 * 40
+
+
+@pytest.mark.parametrize("target_mode", ["inter", "intra"])
+def test_soft_label_captions_agree_with_the_policy(target_mode: str) -> None:
+    """preview.soft_label is a copy of the rule in AugPolicy.plan: the two must give the same labels."""
+    cfg = AugConfig(alpha=1.0, strengths=[0.25, 0.7], gamma=0.5, target_mode=target_mode)
+    labels = torch.arange(10).repeat(3)
+    plan = AugPolicy(cfg, 10).plan(labels, step_rng(0, 0, 0))
+    assert plan.num_edits == len(labels)
+    for k in range(plan.num_edits):
+        row = plan.soft_label[plan.index[k]]
+        caption = preview.soft_label(int(plan.source[k]), int(plan.target[k]), float(plan.strength[k]), cfg.gamma)
+        expected = {c: float(row[c]) for c in torch.nonzero(row).flatten().tolist()}
+        assert caption.keys() == expected.keys()
+        assert all(abs(caption[c] - expected[c]) < 1e-6 for c in caption)

@@ -16,18 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from online_aug.config import load_config
+from online_aug.data import build_splits
+from online_aug.devices import pick_device, resolve_dtype
+from online_aug.generator import SDEditGenerator, class_prompts, load_sd, resolve_class_names
 
-from online_aug.config import load_config  # noqa: E402
-from online_aug.data import build_splits  # noqa: E402
-from online_aug.generator import SDEditGenerator, load_sd, resolve_dtype  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class UNetCounter:
@@ -52,9 +51,9 @@ def bench_generation(model: str, batch: int, device: torch.device, repeats: int,
     dtype = resolve_dtype("auto", device)
     comps = load_sd(model, device, dtype)
     splits = build_splits(cfg.data)
-    names = cfg.aug.class_names or splits.class_names
-    prompts = [cfg.aug.prompt.format(name=n) for n in names]
-    images = torch.stack([splits.train[i][0] for i in range(batch)]).to(device)
+    names = resolve_class_names(cfg.aug.class_names, splits.class_names)
+    prompts = class_prompts(cfg.aug.prompt, names)
+    images = splits.train.tensors(cfg.data.image_size)[0][:batch].to(device)
     g = torch.Generator().manual_seed(0)
     strengths = torch.tensor([0.5, 0.7, 0.9])[torch.randint(3, (batch,), generator=g)]
     targets = torch.randint(len(names), (batch,), generator=g)
@@ -182,7 +181,7 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(a.config, a.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    device = pick_device(cfg.run.device)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  "
           f"torch threads: {torch.get_num_threads()}  model: {cfg.aug.model}")
     results: dict = {"device": str(device)}

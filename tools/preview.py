@@ -28,11 +28,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from online_aug.config import Config, ConfigError, load_config  # noqa: E402
-from online_aug.data import Splits, build_splits  # noqa: E402
-from online_aug.policy import AugPolicy  # noqa: E402
+from online_aug.config import Config, ConfigError, load_config
+from online_aug.data import Splits, build_splits
+from online_aug.devices import pick_device
+from online_aug.generator import SDEditGenerator, resolve_class_names
+from online_aug.policy import AugPolicy
 
 DEFAULT_STRENGTHS = (0.1, 0.25, 0.5, 0.7, 0.9, 1.0)
 BG, FG, DIM = (255, 255, 255), (0, 0, 0), (90, 90, 90)
@@ -77,6 +77,8 @@ def row_targets(cfg: Config, splits: Splits, labels: torch.Tensor, target: int |
 
 def soft_label(source: int, target: int, s: float, gamma: float) -> dict[int, float]:
     """Diff-Mix eq. 3 (what AugPolicy.plan writes): weight s^gamma on the target, the rest on the source."""
+    # Deliberate copy of the label rule inside online_aug.policy.AugPolicy.plan (which builds it for a whole batch
+    # as a tensor); tests/test_preview.py checks the two agree on the cases the grid shows.
     w = s**gamma
     if source == target:
         return {source: 1.0}
@@ -137,13 +139,11 @@ def render_grid(real: torch.Tensor, edited: torch.Tensor, strengths: list[float]
 
 @torch.inference_mode()
 def make_preview(cfg: Config, splits: Splits, *, rows: int = 6, strengths: list[float] | None = None,
-                 target: int | None = None, seed: int = 0, cell: int = 64, device: str = "cpu",
+                 target: int | None = None, seed: int = 0, cell: int = 64, device: str | torch.device = "cpu",
                  show_progress: bool = True) -> Image.Image:
     """Edit ``rows`` training images at every strength with the config's generator and draw the grid."""
-    from online_aug.generator import SDEditGenerator
-
     strengths = list(strengths or DEFAULT_STRENGTHS)
-    names = list(cfg.aug.class_names) or list(splits.class_names)
+    names = resolve_class_names(cfg.aug.class_names, splits.class_names)
     idx = pick_rows(splits, rows, seed)
     real = torch.stack([splits.train[int(i)][0] for i in idx]).float()
     labels = torch.as_tensor(splits.train.labels[idx]).long()
@@ -205,11 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--strengths {args.strengths!r}: each must be in (0, 1]")
         if args.rows < 1 or args.cell < 8:
             raise ConfigError("--rows must be >= 1 and --cell >= 8")
-        dev = args.device or cfg.run.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = pick_device(args.device or cfg.run.device, key="--device" if args.device else "run.device")
         splits = build_splits(cfg.data)
-        names = list(cfg.aug.class_names) or list(splits.class_names)
+        names = resolve_class_names(cfg.aug.class_names, splits.class_names)
         target = resolve_target(args.target, names) if args.target is not None else None
         img = make_preview(cfg, splits, rows=args.rows, strengths=strengths, target=target, seed=args.seed,
                            cell=args.cell, device=dev, show_progress=not args.no_progress)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from online_aug.config import ConfigError
+from online_aug.devices import looks_like_path, resolve_dtype
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, CLIPTokenizer
@@ -55,8 +56,7 @@ class RunningQuantile:
     """
 
     def __init__(self, fraction: float, history: int = HISTORY) -> None:
-        if not 0 <= fraction < 1:
-            raise ConfigError(f"aug.filter_fraction must be in [0, 1), got {fraction}")
+        # fraction in [0, 1) is config.validate's check (aug.filter_fraction)
         if history < 1:
             raise ConfigError(f"CLIP filter history must be >= 1, got {history}")
         self.fraction = float(fraction)
@@ -84,8 +84,7 @@ class CLIPEditFilter:
                  history: int = HISTORY, image_mean: tuple[float, ...] = CLIP_MEAN,
                  image_std: tuple[float, ...] = CLIP_STD, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        if not metaclass.strip():
-            raise ConfigError("aug.filter_metaclass is empty; name what every image shows (e.g. 'digit', 'bird')")
+        # an empty metaclass (a caption about nothing) is config.validate's error (aug.filter_metaclass)
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.size = int(model.config.vision_config.image_size)
@@ -130,11 +129,6 @@ class CLIPEditFilter:
         return keep.to(images.device)
 
 
-def _looks_like_path(name: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything else can only be a folder.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer, tuple[float, ...], tuple[float, ...]]:
     """CLIPModel, tokenizer and normalisation (mean, std) from a local folder or hub id (the ``aug.filter_model`` key).
 
@@ -154,7 +148,7 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer, tuple[float, ...], t
         if not (local / "config.json").is_file():
             raise ConfigError(f"aug.filter_model={name!r}: the folder has no config.json; save a CLIPModel there with "
                               f"model.save_pretrained(...) and its tokenizer with tokenizer.save_pretrained(...)")
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise ConfigError(f"aug.filter_model={name!r}: no such folder; point it at a CLIP folder or a hub id "
                           f"such as openai/clip-vit-base-patch32, or set aug.filter_fraction=0")
     else:
@@ -181,8 +175,6 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer, tuple[float, ...], t
 
 def build_clip_filter(aug: AugConfig, class_names: list[str], device: torch.device) -> CLIPEditFilter:
     """The edit filter of a run (``aug.filter_fraction > 0``), on the generator's device and dtype."""
-    from online_aug.generator.sdedit import resolve_dtype
-
     model, tokenizer, mean, std = load_clip(aug.filter_model)
     return CLIPEditFilter(model, tokenizer, aug.filter_metaclass, aug.filter_fraction, image_mean=mean,
                           image_std=std, device=device, dtype=resolve_dtype(aug.dtype, device))

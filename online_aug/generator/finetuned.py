@@ -1,4 +1,4 @@
-"""Fine-tuned class concepts for the generator: learned textual-inversion tokens and a UNet LoRA.
+"""The fine-tuned folder format: learned textual-inversion tokens and a UNet LoRA, read and written here.
 
 - Textual inversion (Gal et al., 2022), as DA-Fusion §4.1 uses it (Trabucco et al., 2023): one new word embedding
   ``w_i`` per class, initialised from the class name and learned on the training images, prompted as
@@ -6,15 +6,16 @@
 - TI + LoRA, Diff-Mix §3.3 and Table 7's "TI+DB" (Wang et al., 2024): the tokens are learned jointly with a low-rank
   update of the UNet's attention projections (rank 10 there), prompted as "a photo of a [v_i] [metaclass]".
 
-``tools/finetune_sd.py`` writes one folder that holds both, in formats diffusers reads:
+One folder holds both, in formats diffusers reads (the learning is :mod:`online_aug.finetune`, run by
+``tools/finetune_sd.py``; this module is only the format, as diffusers' ``loaders/textual_inversion.py`` is):
 
 - ``learned_embeds/class_<i>.safetensors``: one file per class, a dict ``{token string: [D] embedding}`` (the format
-  ``pipeline.load_textual_inversion`` reads);
-- ``pytorch_lora_weights.safetensors`` (with ``--lora-rank``): written by ``save_lora_weights`` from the PEFT state
-  dict, read by ``pipeline.load_lora_weights``;
-- ``manifest.json``: class index -> token string and file, ``num_classes``, the base model and its signature (UNet
-  config + parameter shapes, text-encoder shapes, and a probe of a few weights), the prompt template, the
-  training settings.
+  ``pipeline.load_textual_inversion`` reads), written by :func:`save_learned_embeddings`;
+- ``pytorch_lora_weights.safetensors`` (with a LoRA): written by :func:`save_lora` with ``save_lora_weights`` from
+  the PEFT state dict, read by ``pipeline.load_lora_weights``;
+- ``manifest.json`` (:func:`write_manifest` / :func:`read_manifest`): class index -> token string and file,
+  ``num_classes``, the base model and its signature (:func:`base_identity`: UNet config + parameter shapes,
+  text-encoder shapes, and a probe of a few weights), the prompt template, the training settings.
 
 :func:`apply_finetuned` loads such a folder into :class:`SDComponents` for the online generator (the config keys
 ``aug.textual_inversion`` and ``aug.lora``). A missing file, a token file for another number of classes, or
@@ -28,7 +29,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,9 +37,11 @@ from torch import Tensor
 
 from online_aug.config import ConfigError
 
+# The prompt rules used to live here; tests/test_presets.py still imports render_prompt from this module.
+from online_aug.generator.prompts import render_prompt as render_prompt
+
 if TYPE_CHECKING:
     from online_aug.config import AugConfig
-    from online_aug.data import Splits
     from online_aug.generator.loading import SDComponents
 
 MANIFEST = "manifest.json"
@@ -49,83 +52,8 @@ MANIFEST_FORMAT = "online_aug.finetune/1"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _PROBE_N = 32  # weights compared per module to tell "same architecture" from "same base model"
 
-InitSplit = Literal["average", "error"]
 
-
-# ---------------------------------------------------------------- prompts and tokens
-
-
-def token_strings(names: list[str]) -> list[str]:
-    """One placeholder token per class, ``<name>`` in lower case (CLIP lower-cases prompts), made unique."""
-    out: list[str] = []
-    for i, n in enumerate(names):
-        slug = re.sub(r"[^a-z0-9]+", "-", n.lower()).strip("-") or f"class-{i}"
-        tok = f"<{slug}>"
-        if tok in out:  # two names that slug alike ("a b" and "a-b") still get distinct tokens
-            tok = f"<{slug}-{i}>"
-        out.append(tok)
-    return out
-
-
-def check_prompt_template(template: str, key: str, with_tokens: bool) -> None:
-    """Fail early on placeholders other than ``{name}`` / ``{token}``, or ``{token}`` without learned tokens."""
-    try:
-        template.format(name="x", token="y")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"{key}={template!r}: only the {{name}} and {{token}} placeholders are allowed ({e})") from e
-    if "{token}" in template and not with_tokens:
-        raise ConfigError(f"{key}={template!r} uses {{token}} but no learned tokens are loaded; set "
-                          f"aug.textual_inversion to a folder written by tools/finetune_sd.py, or use {{name}}")
-
-
-def render_prompt(template: str, name: str, token: str | None) -> str:
-    """The prompt of one class, the same rule for fine-tuning and for the online generator.
-
-    Without a learned token: ``template.format(name=name)``. With one: ``{token}`` is the token and ``{name}`` the
-    class name (Diff-Mix: "a photo of a {token} {name}" or "... {token} digit"); a template with only ``{name}`` has
-    the token in the name's place (DA-Fusion: "a photo of a <w_i>"); a class-agnostic template without either
-    ("a photo") gets the token appended ("a photo <w_i>"), since a prompt without it would ignore what was learned.
-    """
-    if token is None:
-        return template.format(name=name, token=name)
-    if "{token}" in template:
-        return template.format(name=name, token=token)
-    if "{name}" in template:
-        return template.format(name=token)
-    return f"{template} {token}"
-
-
-def class_prompts(template: str, names: list[str], tokens: list[str] | None = None, key: str = "aug.prompt"
-                  ) -> list[str]:
-    check_prompt_template(template, key, tokens is not None)
-    if tokens is not None and len(tokens) != len(names):
-        raise ConfigError(f"{len(tokens)} learned tokens for {len(names)} classes")
-    return [render_prompt(template, n, None if tokens is None else tokens[i]) for i, n in enumerate(names)]
-
-
-def init_embeddings(tokenizer: Any, text_encoder: torch.nn.Module, words: list[str], on_split: InitSplit = "average"
-                    ) -> tuple[Tensor, list[list[str]]]:
-    """Initial embedding ``[C, D]`` of each new token: the input embedding of its initializer word.
-
-    A word the tokenizer splits into several sub-tokens ("zero" -> z, e, r, o</w> in a tokenizer that never saw it)
-    is averaged over its sub-tokens with ``on_split="average"`` (the sub-tokens are returned so the caller can show
-    and record them) or is a ValueError naming the word and its pieces with ``on_split="error"`` (the rule of
-    diffusers' textual_inversion.py). Averaging keeps multi-word class names usable ("sea turtle").
-    """
-    table = text_encoder.get_input_embeddings().weight.detach().float().cpu()
-    rows, pieces = [], []
-    for w in words:
-        ids = tokenizer.encode(w, add_special_tokens=False)
-        toks = tokenizer.convert_ids_to_tokens(ids)
-        if not ids:
-            raise ValueError(f"initializer word {w!r} tokenizes to nothing; choose another with --init-word")
-        if len(ids) > 1 and on_split == "error":
-            raise ValueError(f"initializer word {w!r} is split by the tokenizer into {len(ids)} tokens {toks}; "
-                             f"choose a single-token word with --init-word, or pass --init-split average to "
-                             f"initialise from the mean of the sub-token embeddings")
-        rows.append(table[ids].mean(0))
-        pieces.append(toks)
-    return torch.stack(rows), pieces
+# ---------------------------------------------------------------- tokens
 
 
 def add_tokens(tokenizer: Any, text_encoder: torch.nn.Module, tokens: list[str], embeds: Tensor,
@@ -213,7 +141,13 @@ def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return diffs
 
 
-# ---------------------------------------------------------------- reading a fine-tuned folder
+# ---------------------------------------------------------------- manifest
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """``folder/manifest.json``, tagged with :data:`MANIFEST_FORMAT` (what :func:`read_manifest` checks)."""
+    record = {"format": MANIFEST_FORMAT, **manifest}
+    (Path(folder) / MANIFEST).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def read_manifest(folder: str | Path, key: str) -> dict[str, Any]:
@@ -290,6 +224,24 @@ def save_learned_embeddings(folder: Path, tokens: list[str], embeds: Tensor) -> 
 
 
 # ---------------------------------------------------------------- LoRA
+
+
+def save_lora(folder: str | Path, unet: torch.nn.Module, lora_config: Any) -> dict[str, Any]:
+    """Write the PEFT LoRA of ``unet`` as ``folder/pytorch_lora_weights.safetensors``; returns its manifest entry.
+
+    The diffusers training-script recipe: ``convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))``
+    saved by ``save_lora_weights``, with the adapter config as metadata so that the rank and alpha are restored.
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionImg2ImgPipeline.save_lora_weights(folder, unet_lora_layers=sd, weight_name=LORA_FILE,
+                                                     unet_lora_adapter_metadata=lora_config.to_dict())
+    return {"file": LORA_FILE, "rank": lora_config.r, "alpha": lora_config.lora_alpha,
+            "target_modules": list(LORA_TARGETS)}
+
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora\.down|lora\.up|lora_A|lora_B)\.weight$")
 
@@ -398,56 +350,3 @@ def apply_finetuned(components: SDComponents, aug: AugConfig, num_classes: int) 
     if aug.lora:
         apply_lora(components.unet, aug.lora)
     return tokens
-
-
-# ---------------------------------------------------------------- measurement
-
-
-def edit_target_rates(
-    components: SDComponents,
-    prompts: list[str],
-    splits: Splits,
-    *,
-    strengths: tuple[float, ...] = (0.9,),
-    modes: tuple[str, ...] = ("fewstep", "grid"),
-    n_edits: int = 200,
-    guidance_scale: float = 4.0,
-    steps: int = 4,
-    grid_steps: int = 25,
-    seed: int = 0,
-    device: str = "cpu",
-    show_progress: bool = False,
-) -> dict[str, Any]:
-    """Inter-class SDEdit toward random targets != source, judged by the quality gate's pixel classifier.
-
-    The protocol is :func:`online_aug.generator.quality.evaluate_edit_quality`'s (same classifier, same draws of
-    sources and targets for a seed), but on given components and prompts, so that a base model and its fine-tuned
-    version are compared on exactly the same edits.
-    """
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from online_aug.generator.quality import _pixels, _split_images, fit_pixel_classifier
-    from online_aug.generator.sdedit import SDEditGenerator
-
-    res = int(components.unet.config.sample_size) * components.vae_scale_factor
-    x, y = _split_images(splits)
-    x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-    clf = fit_pixel_classifier(x, y, res)
-    rng = np.random.default_rng(seed)
-    C = len(prompts)
-    src_idx = rng.integers(0, len(y), size=n_edits)
-    src = y[src_idx]
-    tgt = (src + rng.integers(1, C, size=n_edits)) % C
-    out: dict[str, Any] = {"n_edits": n_edits, "guidance_scale": guidance_scale, "seed": seed, "modes": {}}
-    jobs = [(m, s) for m in modes for s in strengths]
-    for mode, s in tqdm(jobs, desc="edit eval", disable=not show_progress, dynamic_ncols=True):
-        gen = SDEditGenerator(components, prompts, guidance_scale=guidance_scale, schedule=mode,  # type: ignore[arg-type]
-                              steps=steps, grid_steps=grid_steps, scheduler="ddim", device=device,
-                              dtype=components.unet.dtype)
-        g = torch.Generator().manual_seed(seed)
-        edited, _ = gen.edit(x[src_idx].to(device), torch.full((n_edits,), s), torch.from_numpy(tgt), generator=g)
-        pred = clf.predict(_pixels(edited.cpu(), res))
-        out["modes"].setdefault(mode, {})[str(s)] = {"target_rate": float((pred == tgt).mean()),
-                                                     "source_rate": float((pred == src).mean())}
-    return out

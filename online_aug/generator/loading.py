@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DCondi
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from online_aug.config import ConfigError
+from online_aug.devices import looks_like_path
 
 SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -46,11 +47,6 @@ def hub_offline() -> bool:
         if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
             return True
     return False
-
-
-def _looks_like_path(name: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything else ("./x", "/abs", "a/b/c", "~/x") can only be a folder.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _freeze(module: torch.nn.Module, device: torch.device) -> Any:
@@ -94,7 +90,7 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
                 f"or point aug.model at a complete folder."
             )
         source = str(local)
-    elif _looks_like_path(model):
+    elif looks_like_path(model):
         raise ConfigError(
             f"aug.model={model!r}: no such folder ({local.resolve()}). Point aug.model at a local diffusers "
             f"folder (the layout pipeline.save_pretrained writes) or at a Hugging Face hub id."
@@ -148,7 +144,7 @@ def load_taesd(name: str, device: torch.device, dtype: torch.dtype) -> Autoencod
     local = Path(name).expanduser()
     kw: dict[str, Any] = {}
     if not local.is_dir():
-        if _looks_like_path(name):
+        if looks_like_path(name):
             raise ConfigError(f"aug.taesd={name!r}: no such folder; point it at an AutoencoderTiny folder or hub id "
                               f"(e.g. madebyollin/taesd), or leave it empty to use the SD VAE.")
         if hub_offline():

@@ -19,8 +19,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from online_aug.config import ConfigError
-from online_aug.generator.finetuned import apply_finetuned, check_prompt_template, class_prompts
+from online_aug.devices import resolve_dtype
+from online_aug.generator.finetuned import apply_finetuned
 from online_aug.generator.loading import SDComponents, load_sd
+from online_aug.generator.prompts import check_prompt_template, class_prompts, resolve_class_names
 from online_aug.generator.schedulers import (
     PerSampleScheduler,
     Schedule,
@@ -31,18 +33,6 @@ from online_aug.generator.schedulers import (
 
 if TYPE_CHECKING:
     from online_aug.config import AugConfig
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``aug.dtype``: "auto" is fp16 on CUDA (SD's native inference precision) and fp32 elsewhere."""
-    if name == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ConfigError(f"aug.dtype={name!r} is not one of auto, fp32, fp16, bf16")
-    return _DTYPES[name]
-
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == size:
@@ -96,12 +86,7 @@ class SDEditGenerator:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if schedule not in ("fewstep", "grid"):
-            raise ConfigError(f"aug.schedule={schedule!r} is not one of fewstep, grid")
-        if steps < 1 or grid_steps < 1:
-            raise ConfigError("aug.steps and aug.grid_steps must be >= 1")
-        if latent_noise < 0:
-            raise ConfigError(f"aug.latent_noise must be >= 0, got {latent_noise}")
+        # The settings' ranges are config.validate's; what is checked here needs the loaded model.
         self.components = components
         self.vae, self.unet, self.taesd = components.vae, components.unet, components.taesd
         self.text_encoder, self.tokenizer = components.text_encoder, components.tokenizer
@@ -114,11 +99,11 @@ class SDEditGenerator:
         self.latent_noise = float(latent_noise)
         self.negative_prompt = negative_prompt
         try:
-            self.sched = PerSampleScheduler(scheduler, components.scheduler.config, self.device)
+            self.scheduler = PerSampleScheduler(scheduler, components.scheduler.config, self.device)
         except ValueError as e:
             raise ConfigError(f"aug.scheduler={scheduler!r}: {e}") from e
         if schedule == "grid" and scheduler == "lcm":
-            orig = int(getattr(self.sched.ref.config, "original_inference_steps", grid_steps))
+            orig = int(getattr(self.scheduler.ref.config, "original_inference_steps", grid_steps))
             if grid_steps > orig:
                 raise ConfigError(f"aug.grid_steps={grid_steps} exceeds the LCM scheduler's original_inference_steps "
                                   f"({orig}); lower aug.grid_steps")
@@ -147,13 +132,10 @@ class SDEditGenerator:
     def from_config(cls, aug: AugConfig, class_names: list[str], device: torch.device) -> SDEditGenerator:
         """Load ``aug.model`` (+ ``aug.textual_inversion`` / ``aug.lora``) and build the generator.
 
-        Prompts are ``aug.prompt`` per class (see :func:`~online_aug.generator.finetuned.render_prompt`: ``{name}``
+        Prompts are ``aug.prompt`` per class (see :func:`~online_aug.generator.prompts.render_prompt`: ``{name}``
         is the class name, or its learned token when ``aug.textual_inversion`` is set).
         """
-        names = list(aug.class_names) or list(class_names)
-        if aug.class_names and len(aug.class_names) != len(class_names):
-            raise ConfigError(f"aug.class_names has {len(aug.class_names)} names but the dataset has "
-                              f"{len(class_names)} classes; give one name per class or leave it empty")
+        names = resolve_class_names(aug.class_names, class_names)
         check_prompt_template(aug.prompt, "aug.prompt", with_tokens=bool(aug.textual_inversion))  # before loading
         device = torch.device(device)
         dtype = resolve_dtype(aug.dtype, device)
@@ -208,8 +190,8 @@ class SDEditGenerator:
 
     def _schedule(self, strengths: Tensor) -> Schedule:
         if self.schedule == "fewstep":
-            return fewstep_schedule(strengths, self.steps, self.sched.num_train_timesteps)
-        return self.sched.grid_schedule(strengths, self.grid_steps)
+            return fewstep_schedule(strengths, self.steps, self.scheduler.num_train_timesteps)
+        return self.scheduler.grid_schedule(strengths, self.grid_steps)
 
     def timesteps_for(self, strengths: Tensor) -> Tensor:
         """``[M, S+1]`` int timesteps per sample (``S = steps`` or ``grid_steps``), on ``strengths.device``.
@@ -266,7 +248,7 @@ class SDEditGenerator:
         """
         M, _, H, W = images.shape
         dev, dt = self.device, self.dtype
-        sched = self._schedule(strengths).to(dev)
+        per_sample = self._schedule(strengths).to(dev)  # each sample's timesteps, one column per loop step
         targets = targets.to(dev)
         R = self.resolution
 
@@ -280,7 +262,7 @@ class SDEditGenerator:
             raise ValueError(f"noise must have shape {tuple(z0.shape)}, got {tuple(noise.shape)}")
         if self.latent_noise > 0:  # latent perturbation (semantic-aug §3.1): z0 + delta * N(0, I)
             z0 = z0 + self.latent_noise * randn_tensor(z0.shape, generator=generator, device=dev, dtype=dt).float()
-        lat = self.sched.add_noise(z0, noise.to(dev).float(), sched.start)
+        lat = self.scheduler.add_noise(z0, noise.to(dev).float(), per_sample.start)
 
         cond = self.prompt_embeds[targets]
         if self.do_cfg:
@@ -291,10 +273,10 @@ class SDEditGenerator:
         if self.timestep_cond is not None:
             tcond = self.timestep_cond.expand(emb.shape[0], -1)
 
-        S = sched.t.shape[1]
-        for k in range(sched.first_step, S):
-            t, t_prev, active = sched.t[:, k], sched.t_prev[:, k], sched.active[:, k]
-            inp = self.sched.scale_model_input(lat, t).to(dt)
+        S = per_sample.t.shape[1]
+        for k in range(per_sample.first_step, S):
+            t, t_prev, active = per_sample.t[:, k], per_sample.t_prev[:, k], per_sample.active[:, k]
+            inp = self.scheduler.scale_model_input(lat, t).to(dt)
             t_in = t
             if self.do_cfg:
                 inp, t_in = torch.cat([inp, inp]), torch.cat([t, t])
@@ -303,9 +285,9 @@ class SDEditGenerator:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
             step_noise = None
-            if self.sched.kind == "lcm" and k < S - 1:
+            if self.scheduler.kind == "lcm" and k < S - 1:
                 step_noise = randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
-            new = self.sched.step(out, lat, t, t_prev, step_noise)
+            new = self.scheduler.step(out, lat, t, t_prev, step_noise)
             # Grid mode: a sample that has not joined yet keeps its noised latent (the mask is a tensor op: no sync).
             lat = torch.where(active.view(-1, 1, 1, 1), new, lat)
 

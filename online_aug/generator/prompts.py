@@ -1,0 +1,73 @@
+"""Class names and prompts: one rule for the online generator, the tiny-SD builder, fine-tuning and the tools.
+
+A prompt template holds ``{name}`` (the class name) and/or ``{token}`` (the class's learned token, see
+:mod:`online_aug.generator.finetuned`); :func:`render_prompt` says how the two combine.
+"""
+
+from __future__ import annotations
+
+import re
+
+from online_aug.config import ConfigError
+
+
+def resolve_class_names(class_names: list[str], dataset_names: list[str], key: str = "aug.class_names") -> list[str]:
+    """The names prompts use: ``class_names`` (the ``key`` setting) when given, else the dataset's own names.
+
+    Given names must be one per class of the dataset: prompts are indexed by class id.
+    """
+    if not class_names:
+        return list(dataset_names)
+    if len(class_names) != len(dataset_names):
+        raise ConfigError(f"{key} has {len(class_names)} names but the dataset has {len(dataset_names)} classes; "
+                          f"give one name per class or leave it empty")
+    return list(class_names)
+
+
+def token_strings(names: list[str]) -> list[str]:
+    """One placeholder token per class, ``<name>`` in lower case (CLIP lower-cases prompts), made unique."""
+    out: list[str] = []
+    for i, n in enumerate(names):
+        slug = re.sub(r"[^a-z0-9]+", "-", n.lower()).strip("-") or f"class-{i}"
+        tok = f"<{slug}>"
+        if tok in out:  # two names that slug alike ("a b" and "a-b") still get distinct tokens
+            tok = f"<{slug}-{i}>"
+        out.append(tok)
+    return out
+
+
+def check_prompt_template(template: str, key: str, with_tokens: bool) -> None:
+    """Fail early on placeholders other than ``{name}`` / ``{token}``, or ``{token}`` without learned tokens."""
+    try:
+        template.format(name="x", token="y")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{key}={template!r}: only the {{name}} and {{token}} placeholders are allowed ({e})") from e
+    if "{token}" in template and not with_tokens:
+        raise ConfigError(f"{key}={template!r} uses {{token}} but no learned tokens are loaded; set "
+                          f"aug.textual_inversion to a folder written by tools/finetune_sd.py, or use {{name}}")
+
+
+def render_prompt(template: str, name: str, token: str | None) -> str:
+    """The prompt of one class, the same rule for fine-tuning and for the online generator.
+
+    Without a learned token: ``template.format(name=name)``. With one: ``{token}`` is the token and ``{name}`` the
+    class name (Diff-Mix: "a photo of a {token} {name}" or "... {token} digit"); a template with only ``{name}`` has
+    the token in the name's place (DA-Fusion: "a photo of a <w_i>"); a class-agnostic template without either
+    ("a photo") gets the token appended ("a photo <w_i>"), since a prompt without it would ignore what was learned.
+    """
+    if token is None:
+        return template.format(name=name, token=name)
+    if "{token}" in template:
+        return template.format(name=name, token=token)
+    if "{name}" in template:
+        return template.format(name=token)
+    return f"{template} {token}"
+
+
+def class_prompts(template: str, names: list[str], tokens: list[str] | None = None, key: str = "aug.prompt"
+                  ) -> list[str]:
+    """One prompt per class (:func:`render_prompt`), after checking the template (errors name ``key``)."""
+    check_prompt_template(template, key, tokens is not None)
+    if tokens is not None and len(tokens) != len(names):
+        raise ConfigError(f"{len(tokens)} learned tokens for {len(names)} classes")
+    return [render_prompt(template, n, None if tokens is None else tokens[i]) for i, n in enumerate(names)]

@@ -1,0 +1,17 @@
+"""Random streams keyed by integers, so that a run can be replayed and resumed exactly.
+
+A step's generator depends only on (seed, rank, step): not on the thread count, on what ran before it, or on whether
+the run was interrupted, so a resumed run draws the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def step_rng(seed: int, rank: int, step: int) -> torch.Generator:
+    """The CPU generator of one (seed, rank, step); a single-process program passes rank 0."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return g
