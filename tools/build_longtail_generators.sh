@@ -32,6 +32,6 @@ tune models/ft-digits-pool-agnostic models/tiny-sd-digits-pool-agnostic --templa
   --lora-rank 10 --lr 0.005 --lora-lr 0.001 &
 wait
 tune models/ti-digits-pool models/tiny-sd-digits-pool --template "a photo of the digit {token}" --steps 600 &
-tune models/ti-digits-pool-leakage-free models/tiny-sd-digits-pool --template "a photo of the digit {token}" \
-  --init-word a --steps 400 --lr 0.05 &
+tune models/ti-digits-pool-leakage-free models/tiny-sd-digits-pool --template "a photo of a {token}" \
+  --init-word a --init-split error --steps 400 --lr 0.05 &
 wait
