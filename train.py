@@ -2,6 +2,10 @@
 
     deepspeed [--num_gpus N] train.py --config configs/demo.yaml [section.key=value ...] [--resume latest|PATH]
     python train.py --config configs/demo.yaml            # one process; distributed defaults are filled in
+
+Exit status (README "Faults"): 0 finished; 2 config error; 75 stopped by a signal (SIGTERM, SIGUSR1, Ctrl-C) after a
+complete checkpoint; 3 stopped by a fault (producer hung or dead, divergence, checkpoint not writable) after a
+checkpoint of the last good step, where one could be written; 128 + signum: a second signal, no checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import sys
 from pathlib import Path
 
 from online_aug.config import ConfigError, load_config
+from online_aug.faults import RunStopped
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"\n{e}", file=sys.stderr, flush=True)
+        return e.status
     return 0
 
 

@@ -40,8 +40,20 @@ class Monitor(NullMonitor):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        # a resumed run replaces what a killed run logged after its checkpoint: TensorBoard hides those steps
+        # (purge_step) and summary.csv drops their rows
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=initial_step + 1 if initial_step else None)
         self.csv_path = self.run_dir / "summary.csv"
+        if initial_step and self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                keys, rows = reader.fieldnames or [], list(reader)
+            kept = [r for r in rows if not str(r.get("step", "")).isdigit() or int(r["step"]) <= initial_step]
+            if len(kept) < len(rows):
+                with open(self.csv_path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=keys)
+                    w.writeheader()
+                    w.writerows(kept)
         # Off a terminal (a log file, a cluster job's stdout) every redraw is a new line; one line every 30 s keeps
         # the log readable and still shows the run is alive.
         interactive = sys.stderr.isatty()

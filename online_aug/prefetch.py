@@ -9,6 +9,10 @@ On CPU the same code runs with a thread and no streams.
 Starvation policy when the queue is empty: ``wait`` blocks (α stays exact); ``real`` trains on the next real
 batch instead (the effective α, logged as ``aug/effective_alpha``, drops below α).
 A producer exception reaches the trainer's thread, with its traceback chained; ``close`` joins the thread.
+Faults (README "Faults"): a producer that dies, or whose step runs longer than ``timeout_s`` (``aug.timeout_s``), is
+recorded in :attr:`Prefetcher.fault`. With ``on_fault="raise"`` the next ``next()`` raises it; with ``"real"`` the
+batches already made are used, then real ones (``aug/producer_fault`` = 1), and the caller decides (the trainer
+stops at the step boundary unless ``aug.on_fault=real``). A hung producer thread is abandoned (it is a daemon).
 """
 
 from __future__ import annotations
@@ -22,12 +26,17 @@ from collections.abc import Callable
 import torch
 
 from .batches import Batch, no_edit_stats, real_batch
+from .faults import out_of_memory
 
 _POLL_S = 0.05  # how often blocked threads re-check for shutdown or a dead producer
 
 
 class ProducerError(RuntimeError):
     """The augmentation producer failed; the original exception is the ``__cause__``."""
+
+
+class ProducerTimeout(ProducerError):
+    """A producer step (fetch + edit of one micro-batch) ran longer than ``timeout_s``."""
 
 
 class _CudaRing:
@@ -67,9 +76,14 @@ class Prefetcher:
     """Iterator of augmented :class:`Batch` es, produced ``depth`` ahead by a background thread."""
 
     def __init__(self, loader, augment: Callable[[torch.Tensor, torch.Tensor, int], Batch], device: torch.device,
-                 depth: int = 2, starvation: str = "wait", start: int = 0, num_classes: int | None = None):
+                 depth: int = 2, starvation: str = "wait", start: int = 0, num_classes: int | None = None,
+                 timeout_s: float | None = None, on_fault: str = "raise"):
         """``augment(images, labels, step) -> Batch`` (an :class:`~online_aug.augment.Augmenter`, which carries its
-        ``num_classes``; a plain callable passes ``num_classes``, needed for the one-hot 'real' fallback)."""
+        ``num_classes``; a plain callable passes ``num_classes``, needed for the one-hot 'real' fallback).
+        ``timeout_s``: longest producer step before it counts as hung (None: no limit); ``on_fault``: raise | real."""
+        self.timeout_s, self.on_fault = timeout_s, on_fault
+        self.fault: ProducerError | None = None  # the first fault; set by the consumer's thread
+        self._busy_since: float | None = None  # monotonic start of the producer step in progress
         self.augment, self.device, self.starvation = augment, device, starvation  # aug.starvation: config-checked
         self.num_classes = num_classes if num_classes is not None else augment.num_classes
         self._it, self._lock, self._step = iter(loader), threading.Lock(), start
@@ -96,6 +110,7 @@ class Prefetcher:
             ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
             with ctx, torch.no_grad():  # not inference_mode: the trainer backpropagates through these inputs
                 while not self._stop.is_set():
+                    self._busy_since = time.monotonic()
                     k, x, y = self._next_real()
                     t0 = time.perf_counter()
                     batch = self.augment(x.to(self.device, non_blocking=True), y, k)
@@ -103,7 +118,8 @@ class Prefetcher:
                         batch = self._ring.put(batch, self._stream)
                         batch.ready.synchronize()  # this thread waits for its own stream only: true gen time
                     batch.stats["aug/gen_ms"] = 1000 * (time.perf_counter() - t0)
-                    while not self._stop.is_set():
+                    self._busy_since = None
+                    while not self._stop.is_set():  # stop set meanwhile (a timeout was declared): drop the batch
                         try:
                             self._queue.put(batch, timeout=_POLL_S)
                             break
@@ -120,7 +136,9 @@ class Prefetcher:
     def __next__(self) -> Batch:
         t0 = time.perf_counter()
         depth = self._queue.qsize()
-        if self.starvation == "real" and depth == 0 and self._error is None:
+        if self._check() is not None:
+            batch = self._after_fault()
+        elif self.starvation == "real" and depth == 0:
             batch = self._real_batch()
         else:
             batch = self._get()
@@ -130,13 +148,44 @@ class Prefetcher:
 
     def _get(self) -> Batch:
         while True:
-            if self._error is not None:
-                raise ProducerError(f"online augmentation producer failed: {self._error!r}") from self._error
+            if self._check() is not None:
+                return self._after_fault()
             try:
                 return self._queue.get(timeout=_POLL_S)
             except queue.Empty:
-                if not self._thread.is_alive() and self._error is None:
-                    raise ProducerError("online augmentation producer stopped unexpectedly") from None
+                continue
+
+    def _check(self) -> ProducerError | None:
+        """The fault, if the producer died or its step in progress is over ``timeout_s`` (recorded once)."""
+        if self.fault is not None:
+            return self.fault
+        busy, alive = self._busy_since, self._thread.is_alive()
+        error = self._error  # read after is_alive: a thread that died has set it
+        if error is not None:
+            hint = (" (the generator ran out of GPU memory: lower aug.queue_depth, aug.resolution or the "
+                    "micro-batch)") if out_of_memory(error) else ""
+            fault = ProducerError(f"online augmentation producer failed: {error!r}{hint}")
+            fault.__cause__ = error
+        elif self.timeout_s and busy is not None and time.monotonic() - busy > self.timeout_s:
+            fault = ProducerTimeout(f"online augmentation producer hung: one generator step has run for more than "
+                                    f"aug.timeout_s={self.timeout_s:g} s")
+        elif not alive and not self._stop.is_set():
+            fault = ProducerError("online augmentation producer stopped unexpectedly")
+        else:
+            return None
+        self.fault = fault
+        self._stop.set()  # a producer that comes back queues nothing more
+        return fault
+
+    def _after_fault(self) -> Batch:
+        if self.on_fault == "raise":
+            raise self.fault
+        try:
+            return self._queue.get_nowait()  # edits made before the fault are still good
+        except queue.Empty:
+            k, x, y = self._next_real()
+            return real_batch(x, y, k, self.num_classes, self.device,
+                              {**no_edit_stats(), "aug/producer_fault": 1.0})
 
     def _real_batch(self) -> Batch:
         k, x, y = self._next_real()
@@ -147,8 +196,9 @@ class Prefetcher:
             self._ring.release(batch)
 
     def close(self) -> None:
-        """Stop and join the producer (end of training, an error, or Ctrl-C)."""
+        """Stop and join the producer (end of training, an error, or Ctrl-C); a hung one is left behind."""
         self._stop.set()
-        self._thread.join(timeout=60)
-        if self._thread.is_alive():
+        hung = isinstance(self.fault, ProducerTimeout)
+        self._thread.join(timeout=1 if hung else 60)
+        if self._thread.is_alive() and not hung:
             raise ProducerError("online augmentation producer did not stop within 60 s")

@@ -1,0 +1,273 @@
+"""Faults a long run survives: stop signals, a dying or hung producer, a diverging loss; and their exit statuses.
+
+- :class:`StopSignals`: SIGTERM / SIGUSR1 (``run.stop_signals``) and Ctrl-C ask for a clean stop: the step in flight
+  finishes, every rank checkpoints, TensorBoard and summary.csv are flushed, the producer stops, and the process
+  exits with :data:`EXIT_STOPPED`. A repeat within :data:`REPEAT_S` is the same request (a launcher forwarding the
+  signal it got, or a signal sent to the whole process group); a signal after that exits at once with 128 + signum.
+- :class:`StopControl`: what this rank wants (nothing, stop for a signal, stop for a fault), agreed by every rank at
+  each step boundary, so all ranks stop after the same step (a CPU all-reduce; none with one process).
+- :class:`DivergenceGuard`: a non-finite loss (or one above ``train.max_loss``) skips the micro-batch on every rank
+  (no backward, no optimizer step; BatchNorm statistics restored); ``train.max_bad_steps`` in a row stop the run.
+- Test hooks: ``ONLINE_AUG_INJECT_FAULT`` makes a real process fail at a chosen point (tests/test_faults.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Exit statuses of train.py (README "Faults"): 0 finished, 2 config error, and
+EXIT_FAULT = 3  # stopped by a fault (producer, divergence, checkpoint write); a checkpoint of the last good step
+EXIT_STOPPED = 75  # stopped by a signal after saving a checkpoint (EX_TEMPFAIL: resume with --resume)
+# a second signal exits at once with 128 + signum (130 for Ctrl-C, 143 for SIGTERM), without a checkpoint
+
+REPEAT_S = 2.0  # a repeat of the signal within this many seconds is the same request, not a second signal
+
+
+class RunStopped(Exception):
+    """The run stopped early and cleanly (checkpoint saved unless the message says otherwise); ``status`` is the
+    process exit status train.py returns."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- signals
+
+
+class StopSignals:
+    """Handlers for ``names`` plus SIGINT while installed; :attr:`received` names the first signal."""
+
+    def __init__(self, names: list[str] | tuple[str, ...]):
+        self.signals = [getattr(signal, n) for n in dict.fromkeys([*names, "SIGINT"]) if hasattr(signal, n)]
+        self.received: str | None = None
+        self._first = 0.0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; a trainer built elsewhere keeps the defaults
+        for s in self.signals:
+            self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._first = name, now
+            _say(f"\nreceived {name}: finishing the current step, then checkpoint and exit "
+                 f"(a second signal exits at once, without a checkpoint)\n")
+        elif now - self._first > REPEAT_S:
+            _say(f"\nreceived {name} again: exiting now, without a checkpoint (status {128 + signum})\n")
+            os._exit(128 + signum)
+
+
+def _say(text: str) -> None:
+    """Write from a signal handler: os.write, not print (print may be mid-write on the same stream)."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- agreement across ranks
+
+NONE, SIGNAL, FAULT = 0, 1, 2
+
+
+def cpu_group(world: int) -> Any:
+    """A process group whose collectives run on the CPU (the default group when it is gloo; None for one rank).
+    Call on every rank, in the same order as DeepSpeed's own groups."""
+    if world <= 1 or not dist.is_initialized():
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _all_max(value: int, group: Any) -> int:
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+class StopControl:
+    """This rank's stop request (:data:`SIGNAL`, :data:`FAULT`) and the one every rank agrees on."""
+
+    def __init__(self, signals: StopSignals, group: Any):
+        self.signals, self.group = signals, group
+        self.code, self.reason = NONE, ""
+
+    def request(self, code: int, reason: str) -> None:
+        if code > self.code:
+            self.code, self.reason = code, reason
+
+    def agree(self) -> int:
+        """The highest request over all ranks (one small CPU all-reduce per call on several ranks)."""
+        if self.signals.received and self.code < SIGNAL:
+            self.request(SIGNAL, f"stopped by {self.signals.received}")
+        code = _all_max(self.code, self.group)
+        if code > self.code:
+            self.request(code, "another rank " + ("received a stop signal" if code == SIGNAL else "hit a fault"))
+        return code
+
+
+# ---------------------------------------------------------------- divergence
+
+
+class DivergenceGuard:
+    """Checks each micro-batch's loss before its backward (one host read of the loss per micro-batch)."""
+
+    def __init__(self, module: torch.nn.Module, max_bad: int, max_loss: float, group: Any):
+        self.max_bad, self.max_loss, self.group = max_bad, max_loss, group
+        self.buffers = list(module.buffers())  # BatchNorm statistics: the forward of a bad batch changed them
+        self.snapshot = [b.detach().clone() for b in self.buffers]
+        self.in_a_row = 0
+        self.skipped = 0  # over the whole run (restored on resume)
+        self.last_bad = math.nan
+
+    @torch.no_grad()
+    def before_forward(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.snapshot, self.buffers)
+
+    @torch.no_grad()
+    def check(self, loss: torch.Tensor) -> bool:
+        """True when this micro-batch is bad on any rank: the caller skips it (buffers are restored here)."""
+        value = float(loss.detach())
+        bad = not math.isfinite(value) or (self.max_loss > 0 and value > self.max_loss)
+        bad = bool(_all_max(int(bad), self.group))
+        if not bad:
+            self.in_a_row = 0
+            return False
+        self.restore()
+        self.in_a_row += 1
+        self.skipped += 1
+        self.last_bad = value
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """The buffers as they were before the forward (:meth:`before_forward`)."""
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.snapshot)
+
+    @property
+    def tripped(self) -> bool:
+        return self.in_a_row >= self.max_bad
+
+
+# ---------------------------------------------------------------- producer faults
+
+
+def source_fault(source: Any) -> BaseException | None:
+    """The producer fault of a batch source (a :class:`~online_aug.prefetch.Prefetcher`, possibly wrapped), if any."""
+    while source is not None:
+        fault = getattr(source, "fault", None)
+        if fault is not None:
+            return fault
+        source = getattr(source, "inner", None)
+    return None
+
+
+def out_of_memory(err: BaseException | None) -> bool:
+    """CUDA out-of-memory (torch's error class, or its message from another layer)."""
+    while err is not None:
+        if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
+            return True
+        err = err.__cause__
+    return False
+
+
+# ---------------------------------------------------------------- test hooks
+
+INJECT_ENV = "ONLINE_AUG_INJECT_FAULT"
+
+
+def injected() -> dict[str, set[int]]:
+    """``ONLINE_AUG_INJECT_FAULT="producer_oom@2;nan_images@5,6,7"`` → {'producer_oom': {2}, 'nan_images': {5, 6, 7}}.
+
+    Hooks (tests only): ``kill_in_save@S`` SIGKILLs the process between the files of checkpoint step S;
+    ``producer_hang@K`` / ``producer_oom@K`` make the generator hang / raise CUDA out-of-memory at micro-step K;
+    ``nan_images@K,...`` puts NaN into the images of those micro-steps.
+    """
+    out: dict[str, set[int]] = {}
+    for item in filter(None, os.environ.get(INJECT_ENV, "").split(";")):
+        name, _, at = item.partition("@")
+        out[name.strip()] = {int(v) for v in at.split(",") if v.strip()}
+    return out
+
+
+def inject_into_checkpoint(engine: Any, step: int) -> None:
+    """``kill_in_save@S``: the second file DeepSpeed writes for step S is never written (SIGKILL before it)."""
+    if step not in injected().get("kill_in_save", ()):
+        return
+    ce = engine.checkpoint_engine
+    save, calls = ce.save, [0]
+
+    def killing_save(*args: Any, **kw: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(*args, **kw)
+
+    ce.save = killing_save
+
+
+class _FaultyAugment:
+    def __init__(self, augment: Any, hang: set[int], oom: set[int]):
+        self.augment, self.hang, self.oom = augment, hang, oom
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.augment, name)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> Any:
+        if step in self.hang:
+            _say(f"{INJECT_ENV}: the generator hangs at micro-step {step} (unix time {time.time():.3f})\n")
+            while True:  # a generator that never returns (a hung kernel, a deadlock)
+                time.sleep(3600)
+        if step in self.oom:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
+                                              f"{INJECT_ENV})")
+        return self.augment(images, labels, step)
+
+
+def inject_into_augment(augment: Any) -> Any:
+    hooks = injected()
+    hang, oom = hooks.get("producer_hang", set()), hooks.get("producer_oom", set())
+    return _FaultyAugment(augment, hang, oom) if hang or oom else augment
+
+
+class _NanSource:
+    def __init__(self, inner: Any, steps: set[int]):
+        self.inner, self.steps = inner, steps
+
+    def __next__(self) -> Any:
+        batch = next(self.inner)
+        if batch.step in self.steps:
+            batch.images = torch.full_like(batch.images, math.nan)
+        return batch
+
+    def release(self, batch: Any) -> None:
+        self.inner.release(batch)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def inject_into_source(source: Any) -> Any:
+    steps = injected().get("nan_images")
+    return _NanSource(source, steps) if steps else source
