@@ -34,7 +34,9 @@ DIFF_MIX_S = [0.5, 0.7, 0.9]  # Diff-Mix (Wang et al. 2024) §3.4 / §4.2
 CLASS_PROMPT = "a photo of the digit {name}"  # the class-name prompt ("a photo of a <class name>", DA-Fusion Table 1)
 AGNOSTIC = "a photo"  # DA-Fusion Table 1 "Class Agnostic Prompt", the §6.1 data-centric leakage defence
 # Diff-Mix §3.3: the "Diff-" presets use the fine-tuned generator (TI + rank-10 LoRA), committed for digits.
-FINETUNED = {"aug.textual_inversion": "models/ft-digits", "aug.lora": "models/ft-digits"}
+# Here: TI + LoRA on the long-tail subset over the class-agnostic pool SD (README "Long-tail benchmark").
+FINETUNED = {"aug.textual_inversion": "models/ft-digits-pool-agnostic", "aug.lora": "models/ft-digits-pool-agnostic",
+             "aug.model": "models/tiny-sd-digits-pool-agnostic", "aug.prompt": AGNOSTIC}
 NO_AUG = {"aug.alpha": 0.0}
 
 # preset -> (source, {dotted key: value the paper gives})
@@ -47,6 +49,10 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline-drw": ("Cao et al. 2019 (LDAM-DRW): re-weight from epoch 160 of 200", {**NO_AUG, "train.drw_start": 0.8}),
     "baseline-label-smoothing": ("Diff-Mix Table 9: label smoothing 0.9 confidence",
                                  {**NO_AUG, "train.label_smoothing": 0.1}),
+    "baseline-cb": ("class-balanced resampling (Kang et al. 2020)", {**NO_AUG, "data.sampler": "class_balanced"}),
+    "baseline-cmo": ("CMO (Park et al. 2022) §4: CutMix from a minority batch with probability 0.5",
+                     {**NO_AUG, "train.cmo_prob": 0.5}),
+    "baseline-upper-bound": ("CE with the generator pool's real images added", {**NO_AUG, "data.train_with_pool": True}),
     "real-guidance": ("DA-Fusion Table 1: Real Guidance t0 = 0.5, alpha 0.5, class-name prompt",
                       {"aug.alpha": 0.5, "aug.strengths": [0.5], "aug.target_mode": "intra",
                        "aug.prompt": CLASS_PROMPT}),
@@ -55,11 +61,11 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
                                     "aug.prompt": AGNOSTIC}),
     "da-fusion": ("DA-Fusion §4, Table 1: intra, t0 ~ U{.25,.5,.75,1}, alpha 0.5",
                   {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
-                   "aug.prompt": CLASS_PROMPT, "aug.textual_inversion": "models/ti-digits"}),
+                   "aug.prompt": "a photo of the digit {token}", "aug.textual_inversion": "models/ti-digits-pool"}),
     "da-fusion-leakage-free": ("DA-Fusion §6.1: data-centric defence, prompt 'a photo of a <w_i>', no class name",
                                {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
                                 "aug.prompt": "a photo of a {token}",
-                                "aug.textual_inversion": "models/ti-digits-leakage-free"}),
+                                "aug.textual_inversion": "models/ti-digits-pool-leakage-free"}),
     "real-gen": ("Diff-Mix §3.4, §4.3: from scratch (s=1), long-tail targets, replacement 0.5",
                  {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.target_mode": "uniformize",
                   "aug.prompt": CLASS_PROMPT}),
@@ -69,7 +75,7 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
                  {"aug.alpha": 0.5, "aug.strengths": DIFF_MIX_S, "aug.target_mode": "intra", **FINETUNED}),
     "diff-mix": ("Diff-Mix §3.4, §4.2, Table 6: inter, s ~ U{.5,.7,.9}, gamma 0.5",
                  {"aug.alpha": 0.5, "aug.strengths": DIFF_MIX_S, "aug.target_mode": "inter",
-                  "aug.target_dist": "uniform", "aug.gamma": 0.5, "aug.prompt": CLASS_PROMPT, **FINETUNED}),
+                  "aug.target_dist": "uniform", "aug.gamma": 0.5, **FINETUNED}),
     "diff-mix-uniformize": ("Diff-Mix §4.3, §7.4: long-tail, s = 0.7, gamma 0.5, replacement 0.5, uniformized",
                             {"aug.alpha": 0.5, "aug.strengths": [0.7], "aug.target_mode": "uniformize",
                              "aug.gamma": 0.5, **FINETUNED}),
@@ -113,7 +119,8 @@ def test_preset_values_are_the_papers(name):
     if name != "baseline":  # baseline.yaml predates aug.method
         assert cfg.aug.method == name
     # the shared digits-LT budget: differences come from the method alone
-    assert (cfg.data.dataset, cfg.data.imbalance_ratio, cfg.data.split_seed) == ("digits", 20, 0)
+    assert (cfg.data.dataset, cfg.data.imbalance_ratio, cfg.data.split_seed) == ("digits", 100, 0)
+    assert (cfg.data.val_per_class, cfg.data.pool_fraction) == (10, 0.5)  # the benchmark's split protocol
     assert (cfg.train.steps, cfg.train.batch_size, cfg.model.name) == (300, 64, "resnet10t")
     header = (CONFIGS / f"{name}.yaml").read_text().splitlines()[0]
     assert header.startswith("#"), f"{name}.yaml must open with a comment citing its paper"
@@ -132,7 +139,8 @@ def test_real_variants_validate_and_keep_the_method_values(path):
         assert _get(cfg, key) == _get(digits, key), f"{path.name}: {key} differs from configs/{preset}.yaml"
     if cfg.aug.alpha > 0:
         assert cfg.aug.model != "models/tiny-sd-digits"
-        assert ("{name}" in cfg.aug.prompt) == ("{name}" in digits.aug.prompt)  # leakage-free stays class-agnostic
+        if "leakage-free" in path.stem:  # leakage-free stays class-agnostic
+            assert "{name}" not in cfg.aug.prompt and "{name}" not in digits.aug.prompt
 
 
 def test_every_preset_has_a_real_variant():
