@@ -19,6 +19,7 @@ import torch.distributed as dist
 from .config import ConfigError
 
 CKPT = "checkpoints"
+BEST = "best"  # train.select=val: the tag holding the best-on-val weights (never 'latest', never pruned)
 
 
 def new_run_dir(out_dir: str, name: str, rank: int) -> Path:
@@ -71,6 +72,14 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
         tags = sorted(p for p in ckpt.glob("step*") if p.is_dir())
         for old in tags[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], rank: int) -> None:
+    """Every rank writes the ``best`` tag (``train.select=val``); 'latest' keeps pointing at the newest step."""
+    ckpt = run_dir / CKPT
+    engine.save_checkpoint(str(ckpt), tag=BEST, client_state=dict(client_state, step=step), save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str | None) -> dict[str, Any]:

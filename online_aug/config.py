@@ -88,7 +88,13 @@ class DataConfig:
     val_fraction: float = doc(0.0, "Legacy: fraction of the long-tail training split held out for validation "
                                    "(prefer val_per_class).")
     imbalance_ratio: float = doc(1.0, "Long-tail ratio n_max/n_min (>= 1; 1 keeps the data balanced).")
-    class_order_seed: int = doc(0, "Seed of the class order used by the long-tail profile (-1 keeps 0..C-1).")
+    longtail_profile: Literal["cifar", "diffmix"] = doc(
+        "cifar", "cifar: n_c = int(n_max*ratio^(-c/(C-1))), n_max the smallest class (Cao et al. 2019); diffmix: "
+                 "Diff-Mix eq. 4, n_k = max(int(n_mean*ratio^(-k/(C-2))), 1), classes by size (Table 10's totals).")
+    class_order_seed: int = doc(0, "Seed of the class order used by the long-tail profile (-1 keeps 0..C-1; diffmix: "
+                                   "breaks ties between equal-sized classes).")
+    shots: int = doc(0, "Few-shot: keep k training images per class (seeded by split_seed), after the val/pool "
+                        "split; 0 keeps all.")
     many_threshold: int = doc(100, "Classes with more training images than this are 'many'-shot.")
     few_threshold: int = doc(20, "Classes with fewer training images than this are 'few'-shot.")
     sampler: Literal["random", "class_balanced"] = doc(
@@ -111,6 +117,10 @@ class DataConfig:
             raise ConfigError(f"data.pool_fraction must be in [0, 1), got {self.pool_fraction}")
         if self.train_with_pool and self.pool_fraction <= 0:
             raise ConfigError("data.train_with_pool=true needs a pool: set data.pool_fraction (e.g. 0.5)")
+        _at_least("data.shots", self.shots, 0)
+        if self.shots and self.imbalance_ratio > 1:
+            raise ConfigError(f"data.shots={self.shots} keeps k images of every class, which undoes "
+                              f"data.imbalance_ratio={self.imbalance_ratio}; keep one (imbalance_ratio=1 for few-shot)")
         _at_least("data.few_threshold", self.few_threshold, 0)
         if self.few_threshold > self.many_threshold:
             raise ConfigError("data.few_threshold must be <= data.many_threshold")
@@ -129,21 +139,36 @@ class DataConfig:
 class ModelConfig:
     name: str = doc("resnet10t", "timm model name of the classifier.")
     pretrained: bool = doc(False, "Load timm pretrained weights (needs the hub).")
+    pretrained_file: str = doc("", "model.pretrained from a local weights file (.safetensors/.pth) instead of the "
+                                   "hub; a head of another class count is dropped.")
     drop_rate: float = doc(0.0, "Classifier dropout rate.")
+    freeze_backbone: bool = doc(False, "Train the classifier head only (a linear probe): the pretrained backbone "
+                                       "stays frozen, in eval mode (fixed BatchNorm statistics).")
 
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("model.name is empty; give a timm model name (e.g. resnet10t)")
         _in_range("model.drop_rate", self.drop_rate, 0, 1, hi_open=True)
+        if self.freeze_backbone and not self.pretrained:
+            raise ConfigError("model.freeze_backbone=true trains the head on a random backbone: set "
+                              "model.pretrained=true (or model.freeze_backbone=false)")
+        if self.pretrained_file and not self.pretrained:
+            raise ConfigError("model.pretrained_file is set but model.pretrained=false; set model.pretrained=true")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = doc(300, "Optimizer steps.")
+    steps: int = doc(300, "Optimizer steps (ignored when train.epochs > 0).")
+    epochs: int = doc(0, "> 0: train this many epochs instead; steps = ceil(epochs * training images / batch_size), "
+                         "counted after the split protocol and recorded in the run's config.yaml.")
     batch_size: int = doc(64, "Global batch size (all ranks, all micro-batches).")
     micro_batch_size: int = doc(0, "Per-rank micro-batch; 0 means batch_size / world_size (no accumulation).")
-    lr: float = doc(2e-3, "Peak learning rate (AdamW).")
-    weight_decay: float = doc(0.05, "AdamW weight decay.")
+    optimizer: Literal["adamw", "sgd"] = doc("adamw", "adamw (decoupled weight decay) or sgd (momentum, L2 weight "
+                                                      "decay), on the trainable parameters.")
+    lr: float = doc(2e-3, "Peak learning rate.")
+    momentum: float = doc(0.9, "sgd: momentum.")
+    nesterov: bool = doc(False, "sgd: Nesterov momentum.")
+    weight_decay: float = doc(0.05, "Weight decay (AdamW: decoupled; SGD: L2).")
     warmup_steps: int = doc(20, "Linear warm-up steps before cosine decay.")
     min_lr_ratio: float = doc(0.05, "Final learning rate as a fraction of lr.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
@@ -163,6 +188,16 @@ class TrainConfig:
         "test", "Split evaluated during and after training; 'val' (needs data.val_per_class or val_fraction) "
                 "for tuning."
     )
+    select: Literal["last", "val"] = doc(
+        "last", "Which weights the final metrics describe: last, or val (the best val balanced accuracy over the "
+                "evaluations, kept as checkpoint tag 'best'; needs data.val_per_class).")
+    transform: Literal["none", "timm"] = doc(
+        "none", "Real-image training transform: none (images as stored), or timm's create_transform: "
+                "random-resized-crop from the full-resolution image, flip, colour jitter, train.randaugment.")
+    crop_scale: list[float] = doc([0.08, 1.0], "transform=timm: random-resized-crop area range [lo, hi].")
+    hflip: float = doc(0.5, "transform=timm: horizontal flip probability.")
+    color_jitter: float = doc(0.4, "transform=timm: brightness/contrast/saturation jitter (0: off; timm turns it "
+                                   "off when train.randaugment is set).")
     randaugment: str = doc("", "timm RandAugment spec for real images, e.g. 'rand-m9-mstd0.5' (empty: off).")
     mixup_alpha: float = doc(0.0, "timm Mixup alpha (0 disables).")
     cutmix_alpha: float = doc(0.0, "timm CutMix alpha (0 disables).")
@@ -174,6 +209,14 @@ class TrainConfig:
         """This section's keys; the batch split is checked for ``world_size`` (1 at load, the real one at launch)."""
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        _at_least("train.epochs", self.epochs, 0)
+        _in_range("train.momentum", self.momentum, 0, 1, hi_open=True)
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ConfigError("train.nesterov=true needs train.optimizer=sgd and train.momentum > 0")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"train.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        _in_range("train.hflip", self.hflip, 0, 1)
+        _at_least("train.color_jitter", self.color_jitter, 0)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _at_least("train.batch_size", self.batch_size, 1)
@@ -364,6 +407,9 @@ class Config:
             raise ConfigError("aug.dtype=fp16 needs CUDA; use aug.dtype=fp32 or bf16 on CPU")
         if t.eval_split == "val" and d.val_fraction <= 0 and d.val_per_class <= 0:
             raise ConfigError("train.eval_split=val needs a validation split: set data.val_per_class (e.g. 10)")
+        if t.select == "val" and d.val_fraction <= 0 and d.val_per_class <= 0:
+            raise ConfigError("train.select=val picks the best weights on a validation split: set "
+                              "data.val_per_class (e.g. 10), or train.select=last")
 
 
 # ---------------------------------------------------------------- loading

@@ -25,6 +25,7 @@ from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_
 from .metrics import classification_metrics, fmt
 from .model import create_classifier
 from .monitor import Monitor, NullMonitor, eval_table, load_reference
+from .optim import build_optimizer, resolve_steps
 from .schedules import warmup_cosine
 from .sources import BatchSource, build_batch_source
 
@@ -36,11 +37,10 @@ def lr_lambda(cfg: Config):
 
 
 def train_transform(cfg: Config):
-    if not cfg.train.randaugment:
-        return None
-    from timm.data.auto_augment import rand_augment_transform
+    """The training split's PIL transform (``train.transform``, ``train.randaugment``; see data/transforms.py)."""
+    from .data.transforms import build_train_transform
 
-    return rand_augment_transform(cfg.train.randaugment, {"translate_const": int(cfg.data.image_size * 0.45)})
+    return build_train_transform(cfg)
 
 
 def confusion_image(pred: np.ndarray, labels: np.ndarray, num_classes: int, cell: int = 8) -> torch.Tensor:
@@ -74,6 +74,7 @@ class Trainer:
             check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, cfg.aug.lora], self.splits)
         self.class_counts = self.splits.train.class_counts()
         self.num_classes = self.splits.num_classes
+        resolve_steps(cfg, len(self.splits.train))  # train.epochs > 0 decides the length (optim.py)
 
         resume_from = None
         if resume:
@@ -87,7 +88,7 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # identical classifier init on every rank (ZeRO partitions after init)
         model = create_classifier(cfg.model, self.num_classes)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        optimizer = build_optimizer(cfg, model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -100,9 +101,11 @@ class Trainer:
             self.loop = ClosedLoop(cfg, self.num_classes, self.class_counts, self.splits.class_names, self.accum,
                                    self.device)
         self.start_step = 0
+        self.best: dict[str, float] = {}  # train.select=val: the best val score so far and its step
         if resume_from is not None:
             client = checkpoint.load(self.engine, *resume_from)
             self.start_step = int(client["step"])
+            self.best = dict(client.get("select_best") or {})
             if self.loop is not None:
                 if "adaptive" not in client:
                     raise ConfigError("aug.adaptive=true but the checkpoint holds no closed-loop statistics (it was "
@@ -164,9 +167,14 @@ class Trainer:
                     loss_n, seen, t_last, aug_acc = 0, 0, time.perf_counter(), {}
                     self.monitor.progress(0, loss=f"{values['train/loss']:.3f}")
                 if done % t.eval_every == 0 or done == t.steps:
-                    metrics = self.evaluate(done, t.eval_split)
+                    if t.select == "val":
+                        self._select(done)
+                    else:
+                        metrics = self.evaluate(done, t.eval_split)
                 if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
                     client = {"micro_step": done * self.accum}
+                    if self.best:
+                        client["select_best"] = self.best
                     if self.loop is not None:
                         client["adaptive"] = self.loop.state_dict()
                     checkpoint.save(engine, self.run_dir, done, client, t.keep_last, self.rank)
@@ -175,9 +183,12 @@ class Trainer:
             if self.loop is not None:
                 self.loop.close()  # wakes a producer waiting for a snapshot, so close() can join it
             self.source.close()
+        if t.select == "val" and self.best:
+            metrics = self._evaluate_selected()
         self.monitor.close()
         if self.rank == 0 and metrics:
-            print(f"\nfinal evaluation ({t.eval_split} split, %):")
+            selected = f", the weights of step {int(self.best['step'])} (best val)" if t.select == "val" else ""
+            print(f"\nfinal evaluation ({t.eval_split} split{selected}, %):")
             ref = None
             if self.cfg.run.reference and t.eval_split == "test":
                 ref = load_reference(self.cfg.run.reference)
@@ -223,9 +234,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
+    def _select(self, step: int) -> None:
+        """``train.select=val``: evaluate on val; better balanced accuracy than any earlier evaluation → the weights
+        are saved as checkpoint tag ``best`` (ties keep the earlier step)."""
+        m = self.evaluate(step, "val", extra={"split": "val"})
+        score = float(m["balanced_acc"])
+        if not self.best or score > self.best["score"]:
+            self.best = {"score": score, "step": step}
+            checkpoint.save_best(self.engine, self.run_dir, step, {"select_best": self.best}, self.rank)
+
+    def _evaluate_selected(self) -> dict[str, float]:
+        """Load the ``best`` weights and evaluate them on ``train.eval_split``: the run's final metrics, logged under
+        ``selected/*`` and as the last summary.csv row (step = train.steps, ``selected_step`` = the best step)."""
+        checkpoint.load(self.engine, self.run_dir / checkpoint.CKPT, checkpoint.BEST)
+        split = self.cfg.train.eval_split
+        return self.evaluate(self.cfg.train.steps, split, prefix="selected",
+                             extra={"split": split, "selected_step": int(self.best["step"])})
+
     @torch.no_grad()
-    def evaluate(self, step: int, split: str = "test") -> dict[str, float]:
-        """Sharded evaluation; every rank runs the same number of forwards (ZeRO-3 gathers collectively)."""
+    def evaluate(self, step: int, split: str = "test", prefix: str = "eval",
+                 extra: dict[str, Any] | None = None) -> dict[str, float]:
+        """Sharded evaluation; every rank runs the same number of forwards (ZeRO-3 gathers collectively).
+
+        ``prefix`` names the TensorBoard tags (``eval/top1``, ...); ``extra`` adds columns to the summary.csv row."""
         ds = self.splits.test if split == "test" else self.splits.val
         n = len(ds)
         per_rank = math.ceil(n / self.world)
@@ -250,14 +281,16 @@ class Trainer:
         out[index.cpu().numpy()] = pred.cpu().numpy()  # padded duplicates write the same value twice
         m = classification_metrics(out, ds.labels, self.splits.shot_counts, self.cfg.data.many_threshold,
                                    self.cfg.data.few_threshold)
-        scalars = {f"eval/{k}" if not k.startswith("class_acc/") else
-                   f"eval/class_acc/{self.splits.class_names[int(k.split('/')[1])]}": v for k, v in m.items()}
+        scalars = {f"{prefix}/{k}" if not k.startswith("class_acc/") else
+                   f"{prefix}/class_acc/{self.splits.class_names[int(k.split('/')[1])]}": v for k, v in m.items()}
         self.monitor.scalars(step, scalars)
-        self.monitor.images("eval/confusion", step, confusion_image(out, ds.labels, self.num_classes))
+        self.monitor.images(f"{prefix}/confusion", step, confusion_image(out, ds.labels, self.num_classes))
         row = {"step": step, **{k: v for k, v in getattr(self, "last_train", {}).items()},
-               **{f"eval_{k}": v for k, v in m.items() if not k.startswith("class_acc/")}}
+               **{f"eval_{k}": v for k, v in m.items() if not k.startswith("class_acc/")}, **(extra or {})}
         self.monitor.summary_row(row)
-        self.monitor.print(f"step {step}: top1 {fmt(m['top1'])}  balanced {fmt(m['balanced_acc'])}  "
+        sel = (extra or {}).get("selected_step")
+        what = f"step {step}" if sel is None else f"{prefix} (the weights of step {sel}, {split})"
+        self.monitor.print(f"{what}: top1 {fmt(m['top1'])}  balanced {fmt(m['balanced_acc'])}  "
                            f"many/medium/few {fmt(m['acc_many'])}/{fmt(m['acc_medium'])}/{fmt(m['acc_few'])}")
         return m
 

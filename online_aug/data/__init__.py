@@ -10,8 +10,8 @@ from .datasets import (
     scan_image_folder,
     seen_record,
 )
-from .longtail import class_order, longtail_counts, longtail_indices
+from .longtail import class_order, diffmix_counts, longtail_counts, longtail_indices, longtail_plan
 
 __all__ = ["DIGIT_NAMES", "PARTS", "LabeledImages", "Splits", "build_splits", "check_disjoint", "check_generator_data",
-           "check_generator_folders", "scan_image_folder", "seen_record", "class_order", "longtail_counts",
-           "longtail_indices"]
+           "check_generator_folders", "scan_image_folder", "seen_record", "class_order", "diffmix_counts",
+           "longtail_counts", "longtail_indices", "longtail_plan"]

@@ -45,7 +45,9 @@ class LabeledImages(Dataset):
     def class_counts(self) -> list[int]:
         return np.bincount(self.labels, minlength=self.num_classes).tolist()
 
-    def pil(self, i: int) -> Image.Image:
+    def pil(self, i: int, resize: bool = True) -> Image.Image:
+        """Image ``i`` as RGB, resized to ``image_size`` unless ``resize`` is false (a transform that crops from the
+        full-resolution image, see :mod:`online_aug.data.transforms`, sizes it itself)."""
         item = self.images[i]
         if isinstance(item, Path):
             try:
@@ -54,12 +56,12 @@ class LabeledImages(Dataset):
                 raise OSError(f"cannot read image file {item}: {e}") from e
         else:
             img = Image.fromarray(item)
-        if img.size != (self.image_size, self.image_size):
+        if resize and img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         return img
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.pil(i)
+        img = self.pil(i, resize=not getattr(self.transform, "full_resolution", False))
         if self.transform is not None:
             img = self.transform(img)
         arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -190,14 +192,19 @@ def _stratified_split(labels: np.ndarray, fraction: float, seed: int,
     return np.sort(a), np.sort(b)
 
 
-def _take_per_class(labels: np.ndarray, k: int, rng: np.random.Generator, names: list[str]) -> np.ndarray:
-    """k positions of every class (seeded), or a ConfigError naming data.val_per_class."""
+def _take_per_class(labels: np.ndarray, k: int, rng: np.random.Generator, names: list[str],
+                    key: str = "data.val_per_class") -> np.ndarray:
+    """k positions of every class (seeded), or a ConfigError naming ``key`` (data.val_per_class must leave one
+    image for training; data.shots may take them all)."""
     out = []
     for c, name in enumerate(names):
         idx = np.flatnonzero(labels == c)
-        if len(idx) <= k:
-            raise ConfigError(f"data.val_per_class={k}: class {name!r} has only {len(idx)} training images and "
-                              f"needs at least one left for training; lower data.val_per_class")
+        if key == "data.shots" and len(idx) < k:
+            raise ConfigError(f"data.shots={k}: class {name!r} has only {len(idx)} training images (after the "
+                              f"val/pool split); lower data.shots")
+        if key != "data.shots" and len(idx) <= k:
+            raise ConfigError(f"{key}={k}: class {name!r} has only {len(idx)} training images and "
+                              f"needs at least one left for training; lower {key}")
         out.append(rng.choice(idx, size=k, replace=False))
     return np.sort(np.concatenate(out))
 
@@ -212,9 +219,9 @@ def build_splits(cfg: DataConfig, train_transform=None) -> Splits:
     """The split protocol (see :class:`Splits`), in this order, each step seeded by ``data.split_seed``:
 
     test (stratified ``test_fraction``, or CIFAR's / ``test_root``'s own) → val (``val_per_class`` per class) →
-    pool (stratified ``pool_fraction`` of the rest) → long-tail subsample of what is left → legacy ``val_fraction``
-    (carved from the long-tail subset). The pool does not depend on the imbalance ratio, so one pretrained generator
-    serves every IF.
+    pool (stratified ``pool_fraction`` of the rest) → long-tail subsample of what is left (``longtail_profile``) →
+    legacy ``val_fraction`` (carved from the long-tail subset) → ``shots`` per class (few-shot). The pool does not
+    depend on the imbalance ratio or the shots, so one pretrained generator serves every IF and every k.
     """
     size, seed = cfg.image_size, cfg.split_seed
     if cfg.dataset == "digits":
@@ -252,11 +259,14 @@ def build_splits(cfg: DataConfig, train_transform=None) -> Splits:
     if cfg.imbalance_ratio > 1:
         rng = np.random.default_rng(seed)
         keep = longtail_indices(train.labels, train.num_classes, cfg.imbalance_ratio, cfg.class_order_seed, rng,
-                                train.class_names)
+                                train.class_names, cfg.longtail_profile)
         train = train.subset(keep)
     if cfg.val_fraction > 0:
         tr, va = _stratified_split(train.labels, cfg.val_fraction, seed + 1, "data.val_fraction")
         train, val = train.subset(tr), train.subset(va)
+    if cfg.shots > 0:
+        train = train.subset(_take_per_class(train.labels, cfg.shots, np.random.default_rng([seed, 3]), names,
+                                             "data.shots"))
     for c, n in enumerate(train.class_counts()):
         if n == 0:
             raise ConfigError(f"class {train.class_names[c]!r} has no training images after the long-tail/val "
