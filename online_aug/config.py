@@ -27,6 +27,9 @@ METHODS: tuple[str, ...] = (
     "real-guidance", "real-gen", "real-mix", "da-fusion", "diff-gen", "diff-aug", "diff-mix", "diff-mix-uniformize",
     "diff-mix-cutmix", "latent-perturbation", "composition", "real-guidance-leakage-free", "da-fusion-leakage-free",
 )
+# run.stop_signals may name these (catchable, and what schedulers send: SLURM SIGTERM/SIGUSR1, PBS/LSF SIGXCPU)
+STOP_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
+FAULT_MODES: tuple[str, ...] = ("stop", "real")  # aug.on_fault
 
 
 def doc(default: Any, text: str, **kw: Any) -> Any:
@@ -58,6 +61,8 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "Where the classifier and generator run.")
     reference: str = doc("", "<results.csv>:<row> of tools/compare.py printed beside the final table (mean over its "
                              "seeds), e.g. the committed CE baseline of the same split; empty: none.")
+    stop_signals: list[str] = doc(["SIGTERM", "SIGUSR1"], "Signals that stop the run cleanly: finish the step, "
+                                                          "checkpoint, exit 75 (Ctrl-C too); README 'Faults'.")
 
     def validate(self) -> None:
         if not self.name or "/" in self.name or "\\" in self.name:
@@ -66,6 +71,10 @@ class RunConfig:
         if not self.out_dir:
             raise ConfigError("run.out_dir is empty; give the parent folder of run directories (e.g. runs)")
         _at_least("run.seed", self.seed, 0)
+        for name in self.stop_signals:
+            if name not in STOP_SIGNALS:
+                raise ConfigError(f"run.stop_signals: {name!r} is not a signal that can stop a run; use names from "
+                                  f"{', '.join(STOP_SIGNALS)}")
 
 
 @dataclass
@@ -182,7 +191,10 @@ class TrainConfig:
     eval_every: int = doc(100, "Evaluate every N steps (and at the end).")
     log_every: int = doc(10, "Write train scalars every N steps.")
     ckpt_every: int = doc(0, "Save a checkpoint every N steps (0: only at the end).")
-    keep_last: int = doc(2, "Checkpoints to keep.")
+    keep_last: int = doc(2, "Complete checkpoints to keep (the newest complete one is never deleted).")
+    max_bad_steps: int = doc(5, "Divergence guard: a micro-batch with a non-finite loss (or above train.max_loss) is "
+                                "skipped and counted; this many in a row stop the run (exit 3); 0: off.")
+    max_loss: float = doc(0.0, "Divergence guard: a finite loss above this also counts as bad (0: no threshold).")
     eval_batch_size: int = doc(256, "Per-rank eval batch size.")
     eval_split: Literal["test", "val"] = doc(
         "test", "Split evaluated during and after training; 'val' (needs data.val_per_class or val_fraction) "
@@ -231,6 +243,8 @@ class TrainConfig:
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.ckpt_every", self.ckpt_every, 0)
         _at_least("train.keep_last", self.keep_last, 1)
+        _at_least("train.max_bad_steps", self.max_bad_steps, 0)
+        _at_least("train.max_loss", self.max_loss, 0)
         _at_least("train.eval_batch_size", self.eval_batch_size, 1)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -293,6 +307,11 @@ class AugConfig:
     queue_depth: int = doc(2, "Prefetch queue depth D (batches generated ahead).")
     starvation: Literal["wait", "real"] = doc("wait", "Empty queue: wait (alpha exact) or train on the real batch.")
     prefetch: bool = doc(True, "Generate in a background producer; False runs the edit inside the step.")
+    timeout_s: float = doc(300.0, "Producer fault: one generator step (a micro-batch's edit) running longer than "
+                                  "this many seconds counts as hung (aug.on_fault).")
+    on_fault: Literal["stop", "real"] = doc(
+        "stop", "A hung or dead producer (incl. CUDA out of memory): stop (checkpoint, exit 3) or real (go on with "
+                "real batches, aug/producer_fault).")
     image_every: int = doc(50, "Write an aug/examples grid every N steps (0 disables).")
     taesd: str = doc("", "Optional AutoencoderTiny (id or folder) used for encode/decode.")
     filter_fraction: float = doc(0.0, "CLIP filter: drop this lowest-scoring fraction of edits (0 disables).")
@@ -363,6 +382,10 @@ class AugConfig:
                               "or set aug.filter_fraction=0")
         if self.queue_depth < 1:
             raise ConfigError(f"aug.queue_depth must be >= 1, got {self.queue_depth}")
+        if not self.timeout_s > 0:  # also NaN
+            raise ConfigError(f"aug.timeout_s must be > 0 (seconds a generator step may take), got {self.timeout_s}")
+        if self.on_fault not in FAULT_MODES:
+            raise ConfigError(f"aug.on_fault must be one of {', '.join(FAULT_MODES)}, got {self.on_fault!r}")
         if self.latent_noise < 0:
             raise ConfigError(f"aug.latent_noise must be >= 0, got {self.latent_noise}")
         _at_least("aug.image_every", self.image_every, 0)

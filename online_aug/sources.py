@@ -24,6 +24,7 @@ from .augment import build_augmenter
 from .batches import Batch, real_batch, real_loader
 from .class_stats import SnapshotBoard
 from .config import Config
+from .faults import inject_into_augment, inject_into_source
 from .prefetch import Prefetcher
 
 
@@ -113,21 +114,25 @@ class CMOSource:
 
 
 def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, world: int, micro_bs: int,
-                       start: int, accum: int = 1, board: SnapshotBoard | None = None) -> BatchSource:
+                       start: int, accum: int = 1, board: SnapshotBoard | None = None,
+                       on_fault: str = "raise") -> BatchSource:
     """The run's source of micro-batches for this rank, starting at micro-step ``start`` (resume); ``board``: the
-    closed loop's published statistics (``aug.adaptive``)."""
+    closed loop's published statistics (``aug.adaptive``); ``on_fault``: what the prefetcher does once its producer
+    failed (raise, or real: go on with real batches, see prefetch.py)."""
     loader = real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed, start=start,
                          num_workers=cfg.data.num_workers, sampler=cfg.data.sampler)
     source: BatchSource
     if cfg.aug.alpha <= 0:
         source = RealSource(loader, device, splits.num_classes, start)
     else:
-        augment = build_augmenter(cfg, splits, device, rank, accum, board)
+        augment = inject_into_augment(build_augmenter(cfg, splits, device, rank, accum, board))  # test hook
         if not cfg.aug.prefetch:
             source = SyncAugmentedSource(loader, augment, device, start)
         else:
             source = Prefetcher(loader, augment, device, depth=cfg.aug.queue_depth, starvation=cfg.aug.starvation,
-                                start=start, num_classes=splits.num_classes)
+                                start=start, num_classes=splits.num_classes, timeout_s=cfg.aug.timeout_s,
+                                on_fault=on_fault)
+    source = inject_into_source(source)  # test hook (ONLINE_AUG_INJECT_FAULT); a no-op otherwise
     if cfg.train.cmo_prob > 0:
         minority = real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed + 1, start=start,
                                num_workers=0, sampler="class_balanced")

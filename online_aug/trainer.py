@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, faults
 from .batches import Batch, reduce_stats
 from .config import Config, ConfigError, save_config
 from .data import Splits, build_splits, check_generator_folders
@@ -80,6 +81,8 @@ class Trainer:
         if resume:
             run_dir, ckpt_dir, tag = checkpoint.find_resume(resume, cfg.run.out_dir, cfg.run.name)
             resume_from = (ckpt_dir, tag)
+            if self.rank == 0:
+                print(checkpoint.resume_note(ckpt_dir, tag))  # which checkpoint, and any incomplete one passed over
         else:
             run_dir = checkpoint.new_run_dir(cfg.run.out_dir, cfg.run.name, self.rank)
         self.run_dir = run_dir
@@ -93,6 +96,14 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world, self.precision))
+        # faults (README "Faults"): stop signals, a stop agreed by every rank at each step boundary, divergence guard
+        group = faults.cpu_group(self.world)
+        self.signals = faults.StopSignals(cfg.run.stop_signals)
+        self.control = faults.StopControl(self.signals, group)
+        self.guard = (faults.DivergenceGuard(self.engine.module, cfg.train.max_bad_steps, cfg.train.max_loss, group)
+                      if cfg.train.max_bad_steps > 0 else None)
+        self.producer_fault = False  # reported once
+        self.resumed_log: dict[str, Any] = {}  # the log interval a checkpoint cut (continued bit for bit)
 
         self.loop = None  # the closed loop (aug.adaptive): live class statistics steer the policy
         if cfg.aug.adaptive:
@@ -106,6 +117,11 @@ class Trainer:
             client = checkpoint.load(self.engine, *resume_from)
             self.start_step = int(client["step"])
             self.best = dict(client.get("select_best") or {})
+            self.resumed_log = dict(client.get("log") or {})
+            if "last_train" in client:
+                self.last_train = client["last_train"]
+            if self.guard is not None:
+                self.guard.skipped = int(client.get("skipped_steps", 0))
             if self.loop is not None:
                 if "adaptive" not in client:
                     raise ConfigError("aug.adaptive=true but the checkpoint holds no closed-loop statistics (it was "
@@ -128,7 +144,7 @@ class Trainer:
     def _batch_source(self) -> BatchSource:
         return build_batch_source(self.cfg, self.splits, self.device, self.rank, self.world, self.micro_bs,
                                   self.start_step * self.accum, self.accum,
-                                  board=self.loop.board if self.loop is not None else None)
+                                  board=self.loop.board if self.loop is not None else None, on_fault="real")
 
     # ------------------------------------------------------------------ loop
 
@@ -137,15 +153,21 @@ class Trainer:
         engine = self.engine
         engine.train()
         self.monitor.print(f"run directory: {self.run_dir}")
-        loss_sum = torch.zeros((), device=self.device)  # accumulated on device: no sync per step
-        loss_n, seen, t_last = 0, 0, time.perf_counter()
-        aug_acc: dict[str, float] = {}
+        log = self.resumed_log  # a resumed run continues the log interval its checkpoint cut
+        loss_sum = torch.full((), float(log.get("loss_sum", 0.0)), device=self.device)  # on device: no sync per step
+        loss_n, seen, t_last = int(log.get("loss_n", 0)), 0, time.perf_counter()
+        aug_acc: dict[str, float] = dict(log.get("aug_acc") or {})
         metrics: dict[str, float] = {}
+        stop = faults.NONE
+        self.signals.install()  # README "Faults": a stop signal ends the run after the step in flight
         try:
             for step in range(self.start_step, t.steps):
                 for _ in range(self.accum):
                     batch = next(self.source)
+                    self._check_producer()
                     loss = self.train_step(batch)
+                    if loss is None:  # skipped by the divergence guard
+                        continue
                     loss_sum += loss.detach()
                     loss_n += 1
                     seen += len(batch.labels) * self.world
@@ -157,7 +179,7 @@ class Trainer:
                 if done % t.log_every == 0 or done == t.steps:
                     # .item() is a device sync point: once per log interval, not per step
                     elapsed = time.perf_counter() - t_last
-                    values = {"train/loss": (loss_sum / max(1, loss_n)).item(),
+                    values = {"train/loss": (loss_sum / loss_n).item() if loss_n else math.nan,  # nan: all skipped
                               "train/lr": self.scheduler.get_last_lr()[0],
                               "train/images_per_s": seen / max(elapsed, 1e-9)}
                     values.update(reduce_stats(aug_acc, loss_n))
@@ -171,18 +193,28 @@ class Trainer:
                         self._select(done)
                     else:
                         metrics = self.evaluate(done, t.eval_split)
-                if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
-                    client = {"micro_step": done * self.accum}
+                # every rank agrees whether to stop here (a signal, a producer fault, divergence): then checkpoint
+                stop = self.control.agree() if done < t.steps else faults.NONE
+                if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stop:
+                    client = {"micro_step": done * self.accum, "last_train": getattr(self, "last_train", {}),
+                              "log": {"loss_sum": loss_sum.item(), "loss_n": loss_n, "aug_acc": aug_acc},
+                              "skipped_steps": self.guard.skipped if self.guard is not None else 0}
                     if self.best:
                         client["select_best"] = self.best
                     if self.loop is not None:
                         client["adaptive"] = self.loop.state_dict()
                     checkpoint.save(engine, self.run_dir, done, client, t.keep_last, self.rank)
                 self.monitor.progress(1)
+                if stop:
+                    break
         finally:
+            if not stop:
+                self.signals.restore()  # when stopping, a repeated signal is still the same request until exit
             if self.loop is not None:
                 self.loop.close()  # wakes a producer waiting for a snapshot, so close() can join it
             self.source.close()
+        if stop:
+            self._stopped(done, stop)
         if t.select == "val" and self.best:
             metrics = self._evaluate_selected()
         self.monitor.close()
@@ -206,9 +238,10 @@ class Trainer:
         t = self.cfg.train
         return self.drw_weights if t.drw_start > 0 and step >= int(t.drw_start * t.steps) else None
 
-    def train_step(self, batch: Batch) -> torch.Tensor:
+    def train_step(self, batch: Batch) -> torch.Tensor | None:
         """Forward, soft-target loss, backward and (at the accumulation boundary) DeepSpeed's optimizer step on one
-        micro-batch; returns the loss on device (no sync)."""
+        micro-batch; returns the loss on device (no sync without the divergence guard), or None when the guard
+        skipped the micro-batch."""
         if batch.ready is not None:
             # wait for the producer's stream on this batch only, never on the whole device
             torch.cuda.current_stream(self.device).wait_event(batch.ready)
@@ -216,14 +249,67 @@ class Trainer:
         if self.mixup is not None:
             x, y = self.mixup(x, y)
         y = smooth(y, self.cfg.train.label_smoothing)
+        if self.guard is not None:
+            self.guard.before_forward()
         logits = self.engine(x.to(self.dtype))
         loss = soft_cross_entropy(logits, y, self.class_weight(batch.step // self.accum))
+        if self.guard is not None and self.guard.check(loss):  # one host read of the loss; agreed by every rank
+            self._skip(batch, x)
+            return None
         if self.loop is not None and (values := self.loop.observe(logits, batch)):
             self.monitor.scalars(batch.step // self.accum + 1, values)
         self.engine.backward(loss)
         self.engine.step()
         self.source.release(batch)  # its buffers may be refilled once the work queued above is done
         return loss
+
+    # ------------------------------------------------------------------ faults (README "Faults")
+
+    def _skip(self, batch: Batch, x: torch.Tensor) -> None:
+        """Divergence guard: nothing of a bad micro-batch reaches the weights. Without accumulation the optimizer
+        step is skipped whole (DeepSpeed's counters and the LR schedule stay); with accumulation a zero-gradient
+        backward on a blank input keeps DeepSpeed's boundary, and the step uses the other micro-batches."""
+        g = self.guard
+        if self.accum > 1:
+            logits = self.engine(torch.zeros_like(x, dtype=self.dtype))
+            self.engine.backward(logits.sum() * 0.0)
+            self.engine.step()
+            g.restore()  # the blank forward moved BatchNorm statistics too
+        self.source.release(batch)
+        step = batch.step // self.accum + 1
+        self.monitor.scalars(step, {"train/skipped_steps": float(g.skipped)})
+        self.monitor.print(f"step {step}: loss {g.last_bad:.4g} is not finite or above train.max_loss: skipped "
+                           f"({g.in_a_row} in a row, {g.skipped} in all)")
+        if g.tripped:
+            self.control.request(faults.FAULT, (
+                f"divergence guard: {g.in_a_row} micro-batches in a row had a non-finite loss (or one above "
+                f"train.max_loss); none of them changed the weights, so the checkpoint holds the last good step's. "
+                f"Lower train.lr, raise train.grad_clip, or check the edits (aug/*) before resuming"))
+
+    def _check_producer(self) -> None:
+        """A producer fault (hung past aug.timeout_s, or dead) is reported once. The step in flight goes on with real
+        batches; aug.on_fault=stop then stops the run after it, aug.on_fault=real keeps training on real batches."""
+        if self.producer_fault or (fault := faults.source_fault(self.source)) is None:
+            return
+        self.producer_fault = True
+        if self.cfg.aug.on_fault == "stop":
+            self.control.request(faults.FAULT, f"rank {self.rank}: {fault}. The run stops after this step with a "
+                                               f"checkpoint (aug.on_fault=stop; aug.on_fault=real would go on with "
+                                               f"real batches)")
+        else:
+            print(f"rank {self.rank}: {fault}. Going on with real batches only (aug.on_fault=real; TensorBoard "
+                  f"aug/producer_fault is the share of batches that fell back)", file=sys.stderr, flush=True)
+
+    def _stopped(self, done: int, code: int) -> None:
+        """After the stop checkpoint: flush TensorBoard, wait for every rank, and end with the documented status."""
+        self.monitor.close()
+        if dist.is_initialized():
+            dist.barrier()  # no rank exits (which makes a launcher kill the others) before all have flushed
+        tag = self.run_dir / checkpoint.CKPT / f"step{done:08d}"
+        status = faults.EXIT_STOPPED if code == faults.SIGNAL else faults.EXIT_FAULT
+        raise faults.RunStopped(status, f"{self.control.reason}\nstopped after step {done} of "
+                                        f"{self.cfg.train.steps}: checkpoint {tag} is complete; resume with\n"
+                                        f"  python train.py --resume {self.run_dir}")
 
     def _log_examples(self, step: int, ex: dict[str, Any]) -> None:
         import torchvision
