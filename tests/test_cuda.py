@@ -9,8 +9,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_prefetcher_on_side_stream_matches_synchronous_path():
     from test_prefetch import FakeGenerator, _augmenter, _loader
 
-    from online_aug.sources import SyncAugmentedSource
     from online_aug.prefetch import Prefetcher
+    from online_aug.sources import SyncAugmentedSource
 
     dev = torch.device("cuda")
 
