@@ -115,4 +115,4 @@ def test_model_override_drops_the_presets_learned_tokens() -> None:
     cfg = load_config(ROOT / "configs" / "da-fusion-leakage-free.yaml", ov)
     assert (cfg.aug.textual_inversion, cfg.aug.lora, cfg.aug.prompt) == ("", "", "a photo of a {name}")
     plain = compare.run_overrides(compare.parse_args(["--out", "/tmp/x", "--presets", "diff-mix"]), "diff-mix", 0)
-    assert load_config(ROOT / "configs" / "diff-mix.yaml", plain).aug.lora == "models/ft-digits"
+    assert load_config(ROOT / "configs" / "diff-mix.yaml", plain).aug.lora == "models/ft-digits-pool-agnostic"
