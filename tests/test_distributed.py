@@ -97,7 +97,8 @@ def test_zero3_checkpoint_consolidates(probe) -> None:
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
     # buffers are not parameters: BatchNorm statistics, and the classifier's persistent mean/std (its preprocessing)
     buffers = ("running_", "num_batches")
-    params = sum(v.numel() for k, v in sd.items() if not any(b in k for b in buffers) and k.rsplit(".", 1)[-1] not in ("mean", "std"))
+    params = sum(v.numel() for k, v in sd.items()
+                 if not any(b in k for b in buffers) and k.rsplit(".", 1)[-1] not in ("mean", "std"))
     assert params == probe[3][0]["after"]["full_param_numel"]
 
 
