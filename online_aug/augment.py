@@ -16,7 +16,8 @@ import torch
 from .batches import Batch, no_edit_stats
 from .class_stats import SnapshotBoard
 from .config import Config
-from .policy import AugPolicy, step_rng
+from .policy import AugPolicy
+from .rng import step_rng
 
 # (edited images [M,3,H,W], target classes [M]) -> keep mask [M] bool (True keeps the edit)
 GUARD_PER_CLASS = 16  # images per class in the near-duplicate bank: enough to flag copies, cheap to load
@@ -123,7 +124,7 @@ class Augmenter:
 def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum: int = 1,
                     board: SnapshotBoard | None = None) -> Augmenter:
     """Policy + frozen SD (+ CLIP filter, near-duplicate guard) for this run; ``board``: the closed loop's snapshots."""
-    from .generator import SDEditGenerator
+    from .generator import SDEditGenerator, resolve_class_names
 
     policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts())
     editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
@@ -135,7 +136,8 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
     dup_guard = None
     if cfg.aug.dup_threshold > 0:
         dup_guard = NearDuplicateGuard(guard_bank(splits.train, splits.num_classes), cfg.aug.dup_threshold, device)
-    return Augmenter(policy, editor, device, cfg.run.seed, rank, cfg.aug.class_names or splits.class_names,
+    return Augmenter(policy, editor, device, cfg.run.seed, rank,
+                     resolve_class_names(cfg.aug.class_names, splits.class_names),
                      example_every=cfg.aug.image_every * accum, edit_filter=edit_filter, board=board,
                      dup_guard=dup_guard)
 
