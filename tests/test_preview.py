@@ -52,7 +52,8 @@ def test_preview_png_and_tensorboard(model: Path, tmp_path: Path) -> None:
 def test_target_flag_and_errors(model: Path, tmp_path: Path) -> None:
     out = tmp_path / "t.png"
     args = ["--config", str(ROOT / "configs" / "demo.yaml"), f"aug.model={model}",
-            "aug.textual_inversion=", "aug.lora=", "--rows", "1", "--strengths", "1.0", "--out", str(out), "--no-progress"]
+            "aug.textual_inversion=", "aug.lora=", "--rows", "1", "--strengths", "1.0", "--out", str(out),
+            "--no-progress"]
     assert preview.main(args + ["--target", "eight"]) == 0 and out.is_file()
     assert preview.main(args + ["--target", "eleven"]) == 2
     assert preview.main(args + ["--strengths", "0,1.5"]) == 2
