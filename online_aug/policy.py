@@ -115,6 +115,17 @@ def adaptive_strengths(target: torch.Tensor, edit_acc: torch.Tensor, kappa: floa
     return (centre + (u.float() - 0.5) * half).clamp(lo, hi)
 
 
+def mix_labels(source: torch.Tensor, target: torch.Tensor, strength: torch.Tensor, gamma: float,
+               num_classes: int) -> torch.Tensor:
+    """Diff-Mix eq. 3 for M edits: [M, C] rows (1 - s^gamma) on the source class and s^gamma on the target."""
+    # scatter_add makes target == source (every intra edit) a hard label: (1 - w) + w on one class
+    w = strength.float().pow(gamma)
+    edited = torch.zeros(len(source), num_classes)
+    edited.scatter_add_(1, source[:, None], (1 - w)[:, None])
+    edited.scatter_add_(1, target[:, None], w[:, None])
+    return edited
+
+
 class AugPolicy:
     """Plans one batch. Holds only derived constants; all randomness comes from the ``rng`` passed to ``plan``."""
 
@@ -159,10 +170,5 @@ class AugPolicy:
                                           torch.rand(m, generator=rng))
         soft = torch.nn.functional.one_hot(labels, self.num_classes).float()
         if m:
-            # scatter_add makes target == source (every intra edit) a hard label: (1 - w) + w on one class
-            w = strength.pow(cfg.gamma)
-            edited = torch.zeros(m, self.num_classes)
-            edited.scatter_add_(1, source[:, None], (1 - w)[:, None])
-            edited.scatter_add_(1, target[:, None], w[:, None])
-            soft[index] = edited
+            soft[index] = mix_labels(source, target, strength, cfg.gamma, self.num_classes)
         return AugPlan(index=index, strength=strength.float(), source=source, target=target, soft_label=soft)

@@ -70,7 +70,7 @@ def test_grid_captions_are_the_soft_labels() -> None:
 
 @pytest.mark.parametrize("target_mode", ["inter", "intra"])
 def test_soft_label_captions_agree_with_the_policy(target_mode: str) -> None:
-    """preview.soft_label is a copy of the rule in AugPolicy.plan: the two must give the same labels."""
+    """preview.soft_label captions come from policy.mix_labels, the rule AugPolicy.plan writes into batches."""
     cfg = AugConfig(alpha=1.0, strengths=[0.25, 0.7], gamma=0.5, target_mode=target_mode)
     labels = torch.arange(10).repeat(3)
     plan = AugPolicy(cfg, 10).plan(labels, step_rng(0, 0, 0))

@@ -32,7 +32,7 @@ from online_aug.config import Config, ConfigError, load_config
 from online_aug.data import Splits, build_splits
 from online_aug.devices import pick_device
 from online_aug.generator import SDEditGenerator, resolve_class_names
-from online_aug.policy import AugPolicy
+from online_aug.policy import AugPolicy, mix_labels
 
 DEFAULT_STRENGTHS = (0.1, 0.25, 0.5, 0.7, 0.9, 1.0)
 BG, FG, DIM = (255, 255, 255), (0, 0, 0), (90, 90, 90)
@@ -76,13 +76,9 @@ def row_targets(cfg: Config, splits: Splits, labels: torch.Tensor, target: int |
 
 
 def soft_label(source: int, target: int, s: float, gamma: float) -> dict[int, float]:
-    """Diff-Mix eq. 3 (what AugPolicy.plan writes): weight s^gamma on the target, the rest on the source."""
-    # Deliberate copy of the label rule inside online_aug.policy.AugPolicy.plan (which builds it for a whole batch
-    # as a tensor); tests/test_preview.py checks the two agree on the cases the grid shows.
-    w = s**gamma
-    if source == target:
-        return {source: 1.0}
-    return {source: 1.0 - w, target: w}
+    """The caption of one edit: the nonzero entries of its Diff-Mix soft label (the policy's own rule)."""
+    row = mix_labels(torch.tensor([source]), torch.tensor([target]), torch.tensor([s]), gamma, max(source, target) + 1)
+    return {c: float(row[0, c]) for c in torch.nonzero(row[0]).flatten().tolist()}
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
