@@ -64,8 +64,10 @@ class Augmenter:
         self.board, self.dup_guard = board, dup_guard  # closed loop: the trainer's published statistics
         self.num_classes = policy.num_classes
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> Batch:
-        """``images`` [B,3,H,W] in [0,1] on ``self.device``; ``labels`` [B] on the CPU; ``step`` the micro-step."""
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int,
+                 masks: torch.Tensor | None = None) -> Batch:
+        """``images`` [B,3,H,W] in [0,1] on ``self.device``; ``labels`` [B] on the CPU; ``step`` the micro-step;
+        ``masks`` [B,1,H,W] object masks from the loader (aug.mask_mode), handed to the generator with the edits."""
         t0 = time.perf_counter()
         rng = step_rng(self.seed, self.rank, step)
         snapshot = self.board.for_step(step) if self.board is not None else None
@@ -80,7 +82,9 @@ class Augmenter:
             noise_rng.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
             idx = plan.index.to(self.device)
             src = images[idx]
-            edited, keep = self.editor.edit(src, plan.strength, plan.target, generator=noise_rng)
+            # masks only when the loader sends them: an editor without mask support keeps its plain signature
+            kw = {} if masks is None else {"masks": masks[idx]}
+            edited, keep = self.editor.edit(src, plan.strength, plan.target, generator=noise_rng, **kw)
             nonfinite = (~keep).sum()
             filtered = torch.zeros((), dtype=torch.long, device=self.device)
             if self.edit_filter is not None:

@@ -330,6 +330,19 @@ class AugConfig:
                                         ">0 raises s where edits are already recognised, <0 lowers it; 0 off.")
     dup_threshold: float = doc(0.05, "Near-duplicate guard: an edit whose RMS distance (8x8 gray) to its nearest "
                                      "training image of the target class is below this is counted in aug/near_dup.")
+    mask_mode: Literal["off", "foreground", "background"] = doc(
+        "off", "Object-centric edits (semantic-aug §3.3): foreground edits only the (dilated) object mask, background "
+               "only its complement; the rest of the image is kept pixel for pixel.")
+    mask_source: str = doc("threshold", "Where object masks come from: threshold (the stroke mask, gray > "
+                                        "aug.mask_threshold; the embedded digits) or a mask folder holding one mask "
+                                        "per image of data.root at the same relative path (white = object).")
+    mask_threshold: float = doc(0.25, "mask_source=threshold: a pixel whose gray level in [0, 1] is above this is "
+                                      "the object.")
+    mask_dilate: int = doc(16, "Object mask dilation in pixels at the generator's resolution (semantic-aug §4.2.1: "
+                               "16 at 512).")
+    inpaint: Literal["unet", "blend"] = doc(
+        "unet", "How a masked edit is made: unet (an SD-inpainting UNet, 9 input channels) or blend (masked SDEdit "
+                "on a plain UNet: the kept region is re-noised from the source at every step).")
 
     def validate(self) -> None:
         """This section's keys. Files and folders (aug.model, ...) are checked by generator.preflight."""
@@ -346,6 +359,10 @@ class AugConfig:
         _in_range("aug.adaptive_pairs", self.adaptive_pairs, 0, 1)
         _in_range("aug.adaptive_strength", self.adaptive_strength, -1, 1)
         _at_least("aug.dup_threshold", self.dup_threshold, 0)
+        _at_least("aug.mask_dilate", self.mask_dilate, 0)
+        _in_range("aug.mask_threshold", self.mask_threshold, 0, 1, hi_open=True)
+        if self.mask_mode != "off" and not self.mask_source.strip():
+            raise ConfigError("aug.mask_source is empty; use threshold or a mask folder (or aug.mask_mode=off)")
         if self.method not in METHODS:
             raise ConfigError(f"aug.method={self.method!r} is unknown; use one of {', '.join(METHODS)} "
                               f"('custom' for any other combination)")
@@ -428,6 +445,14 @@ class Config:
             raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed has no fp16 on CPU); use fp32 or bf16")
         if on_cpu and a.dtype == "fp16" and a.alpha > 0:
             raise ConfigError("aug.dtype=fp16 needs CUDA; use aug.dtype=fp32 or bf16 on CPU")
+        if a.mask_mode != "off" and a.alpha > 0 and a.mask_source != "threshold":
+            if d.dataset != "imagefolder":
+                raise ConfigError(f"aug.mask_source={a.mask_source!r}: a mask folder mirrors data.root's image files, "
+                                  f"so it needs data.dataset=imagefolder (or aug.mask_source=threshold)")
+            if t.transform != "none" or t.randaugment:
+                raise ConfigError("aug.mask_source is a mask folder but the training transform (train.transform / "
+                                  "train.randaugment) would move the image away from its mask; turn it off or use "
+                                  "aug.mask_source=threshold")
         if t.eval_split == "val" and d.val_fraction <= 0 and d.val_per_class <= 0:
             raise ConfigError("train.eval_split=val needs a validation split: set data.val_per_class (e.g. 10)")
         if t.select == "val" and d.val_fraction <= 0 and d.val_per_class <= 0:

@@ -98,12 +98,13 @@ class Prefetcher:
 
     # ----------------------------------------------------------------- producer side
 
-    def _next_real(self) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """The loader is shared with the trainer's 'real' fallback, so each real batch is used exactly once."""
+    def _next_real(self) -> tuple[int, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The loader is shared with the trainer's 'real' fallback, so each real batch is used exactly once. The
+        fourth item holds what travels with the images to the generator (the object masks, aug.mask_mode)."""
         with self._lock:
-            x, y = next(self._it)
+            x, y, *extra = next(self._it)
             k, self._step = self._step, self._step + 1
-        return k, x, y
+        return k, x, y, extra
 
     def _produce(self) -> None:
         try:
@@ -111,9 +112,10 @@ class Prefetcher:
             with ctx, torch.no_grad():  # not inference_mode: the trainer backpropagates through these inputs
                 while not self._stop.is_set():
                     self._busy_since = time.monotonic()
-                    k, x, y = self._next_real()
+                    k, x, y, extra = self._next_real()
                     t0 = time.perf_counter()
-                    batch = self.augment(x.to(self.device, non_blocking=True), y, k)
+                    batch = self.augment(x.to(self.device, non_blocking=True), y, k,
+                                         *(e.to(self.device, non_blocking=True) for e in extra))
                     if self._ring is not None:
                         batch = self._ring.put(batch, self._stream)
                         batch.ready.synchronize()  # this thread waits for its own stream only: true gen time
@@ -183,12 +185,12 @@ class Prefetcher:
         try:
             return self._queue.get_nowait()  # edits made before the fault are still good
         except queue.Empty:
-            k, x, y = self._next_real()
+            k, x, y, _ = self._next_real()
             return real_batch(x, y, k, self.num_classes, self.device,
                               {**no_edit_stats(), "aug/producer_fault": 1.0})
 
     def _real_batch(self) -> Batch:
-        k, x, y = self._next_real()
+        k, x, y, _ = self._next_real()
         return real_batch(x, y, k, self.num_classes, self.device, no_edit_stats())
 
     def release(self, batch: Batch) -> None:

@@ -47,7 +47,7 @@ class RealSource:
         self.it, self.device, self.num_classes, self.step = iter(loader), device, num_classes, start
 
     def __next__(self) -> Batch:
-        x, y = next(self.it)
+        x, y = next(self.it)[:2]
         b = real_batch(x, y, self.step, self.num_classes, self.device)
         self.step += 1
         return b
@@ -65,9 +65,10 @@ class SyncAugmentedSource:
         self.it, self.augment, self.device, self.step = iter(loader), augment, device, start
 
     def __next__(self) -> Batch:
-        x, y = next(self.it)
+        x, y, *extra = next(self.it)  # extra: the object masks (aug.mask_mode), on to the generator
         t0 = time.perf_counter()
-        batch = self.augment(x.to(self.device, non_blocking=True), y, self.step)
+        batch = self.augment(x.to(self.device, non_blocking=True), y, self.step,
+                             *(e.to(self.device, non_blocking=True) for e in extra))
         batch.stats["aug/stall_ms"] = 1000 * (time.perf_counter() - t0)  # the trainer waited for all of it
         batch.stats["aug/queue_depth"] = 0.0
         self.step += 1
@@ -92,7 +93,7 @@ class CMOSource:
         from timm.data.mixup import cutmix_bbox_and_lam
 
         batch = next(self.inner)
-        xm, ym = next(self.it)  # drawn every step, used or not, so the minority stream stays aligned with the steps
+        xm, ym = next(self.it)[:2]  # drawn every step, used or not, so the minority stream stays aligned with the steps
         rng = np.random.default_rng([self.seed, batch.step, 2])
         if rng.random() >= self.prob:
             return batch

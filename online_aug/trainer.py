@@ -19,7 +19,7 @@ import torch.distributed as dist
 from . import checkpoint, faults
 from .batches import Batch, reduce_stats
 from .config import Config, ConfigError, save_config
-from .data import Splits, build_splits, check_generator_folders
+from .data import Splits, attach_masks, build_splits, check_generator_folders
 from .devices import DTYPES
 from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
 from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_entropy
@@ -73,6 +73,8 @@ class Trainer:
             check_generator_inputs(cfg.aug, self.splits.num_classes)
             # a generator that saw this run's validation or test images would leak them into training
             check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, cfg.aug.lora], self.splits)
+            if cfg.aug.mask_mode != "off":  # object masks travel with their images from the loader on
+                attach_masks(self.splits.train, cfg.aug.mask_source, cfg.aug.mask_threshold, cfg.data.root)
         self.class_counts = self.splits.train.class_counts()
         self.num_classes = self.splits.num_classes
         resolve_steps(cfg, len(self.splits.train))  # train.epochs > 0 decides the length (optim.py)

@@ -34,6 +34,9 @@ class LabeledImages(Dataset):
         self.class_names = list(class_names)
         self.image_size = image_size
         self.transform = transform  # PIL -> PIL (e.g. RandAugment); resize and to-tensor happen here
+        # object masks (aug.mask_mode, set by attach_masks): None, "threshold" or one mask file per image
+        self.masks: str | list[Path] | None = None
+        self.mask_threshold = 0.25
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,12 +63,25 @@ class LabeledImages(Dataset):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         return img
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
+        """``(image, label)``, or ``(image, label, mask)`` once :func:`attach_masks` has set masks: the object mask
+        [1, S, S] in {0, 1} travels with its image through the loader to the generator."""
         img = self.pil(i, resize=not getattr(self.transform, "full_resolution", False))
         if self.transform is not None:
             img = self.transform(img)
         arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return arr.float().div_(255), int(self.labels[i])
+        x = arr.float().div_(255)
+        if self.masks is None:
+            return x, int(self.labels[i])
+        if isinstance(self.masks, str):  # the stroke mask of the very image returned (after any transform)
+            mask = (x.mean(0, keepdim=True) > self.mask_threshold).float()
+        else:
+            with Image.open(self.masks[i]) as m:
+                m = m.convert("L")
+                if m.size != (x.shape[-1], x.shape[-2]):
+                    m = m.resize((x.shape[-1], x.shape[-2]), Image.NEAREST)
+                mask = torch.from_numpy(np.asarray(m) > 127).float()[None]
+        return x, int(self.labels[i]), mask
 
     def subset(self, idx: np.ndarray, transform=None) -> LabeledImages:
         imgs = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
@@ -90,6 +106,37 @@ class LabeledImages(Dataset):
             x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
                                                 align_corners=False).clamp(0, 1)
         return x, self.labels
+
+
+def attach_masks(part: LabeledImages, source: str, threshold: float, root: str | Path) -> None:
+    """Make ``part`` yield ``(image, label, mask)`` (``aug.mask_mode``): ``source`` is ``threshold`` (the stroke mask,
+    gray > ``threshold``, computed from the image itself) or a mask folder mirroring ``root`` (data.root): image
+    ``root/<rel>`` has its mask at ``source/<rel>``, of the same size. Every mask is checked now, before any model
+    is built; a missing or mis-sized one is a ConfigError naming the file."""
+    if source == "threshold":
+        part.masks, part.mask_threshold = "threshold", float(threshold)
+        return
+    folder, root = Path(source).expanduser(), Path(root)
+    if not folder.is_dir():
+        raise ConfigError(f"aug.mask_source={source!r}: no such folder; point it at a folder of masks laid out like "
+                          f"data.root, or use aug.mask_source=threshold")
+    if not isinstance(part.images, list):
+        raise ConfigError(f"aug.mask_source={source!r}: a mask folder needs image files (data.dataset=imagefolder)")
+    files = []
+    for img in part.images:
+        try:
+            mask = folder / img.relative_to(root)
+        except ValueError as e:
+            raise ConfigError(f"aug.mask_source: image {img} is not under data.root={str(root)!r}") from e
+        if not mask.is_file():
+            raise ConfigError(f"aug.mask_source: mask file {mask} (for image {img}) is missing; add it, or use "
+                              f"aug.mask_source=threshold / aug.mask_mode=off")
+        with Image.open(img) as a, Image.open(mask) as b:  # headers only: the size without decoding
+            if a.size != b.size:
+                raise ConfigError(f"aug.mask_source: mask file {mask} is {b.size[0]}x{b.size[1]} but its image {img} "
+                                  f"is {a.size[0]}x{a.size[1]}; write masks at the image's size")
+        files.append(mask)
+    part.masks = files
 
 
 PARTS = ("train", "val", "test", "pool")

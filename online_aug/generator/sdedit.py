@@ -40,6 +40,15 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def _fit_mask(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """A {0, 1} mask at another size: a cell counts as edited when any pixel of it is (max pool down, nearest up)."""
+    if tuple(m.shape[-2:]) == size:
+        return m
+    if m.shape[-2] > size[0] or m.shape[-1] > size[1]:
+        return F.adaptive_max_pool2d(m, size)
+    return F.interpolate(m, size=size, mode="nearest")
+
+
 class SDEditGenerator:
     """Few-step (default) or diffusers-grid SDEdit over a batch with per-sample strength and target class.
 
@@ -83,6 +92,9 @@ class SDEditGenerator:
         scheduler: SchedulerKind = "ddim",
         resolution: int = 0,
         latent_noise: float = 0.0,
+        mask_mode: Literal["off", "foreground", "background"] = "off",
+        mask_dilate: int = 0,
+        inpaint: Literal["unet", "blend"] = "unet",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -98,6 +110,8 @@ class SDEditGenerator:
         self.grid_steps = int(grid_steps)
         self.latent_noise = float(latent_noise)
         self.negative_prompt = negative_prompt
+        self.mask_mode, self.mask_dilate, self.inpaint = mask_mode, int(mask_dilate), inpaint
+        self._check_inpaint_unet()
         try:
             self.scheduler = PerSampleScheduler(scheduler, components.scheduler.config, self.device)
         except ValueError as e:
@@ -156,9 +170,43 @@ class SDEditGenerator:
             scheduler=aug.scheduler,
             resolution=aug.resolution,
             latent_noise=aug.latent_noise,
+            mask_mode=aug.mask_mode,
+            mask_dilate=aug.mask_dilate,
+            inpaint=aug.inpaint,
             device=device,
             dtype=dtype,
         )
+
+    def _check_inpaint_unet(self) -> None:
+        """The UNet's input channels must fit the masked-edit setting: latents only (plain SD; ``blend``), or
+        latents + mask + masked-image latents (the SD-inpainting architecture; ``unet``)."""
+        lc, got = int(self.vae.config.latent_channels), int(self.unet.config.in_channels)
+        if self.mask_mode == "off":
+            if got != lc:
+                raise ConfigError(f"aug.model's UNet takes {got} input channels (an inpainting model: latents, mask, "
+                                  f"masked-image latents); set aug.mask_mode=foreground or background to use it")
+        elif self.inpaint == "unet" and got != 2 * lc + 1:
+            raise ConfigError(f"aug.mask_mode={self.mask_mode} with aug.inpaint=unet needs an SD-inpainting UNet "
+                              f"({2 * lc + 1} input channels) but aug.model's has {got}; set aug.inpaint=blend "
+                              f"(masked SDEdit on this UNet) or point aug.model at an inpainting model")
+        elif self.inpaint == "blend" and got != lc:
+            raise ConfigError(f"aug.inpaint=blend runs a plain UNet ({lc} input channels) but aug.model's has {got} "
+                              f"(an inpainting model); set aug.inpaint=unet")
+
+    def edit_region(self, masks: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``(region at the generation resolution R, region at size)``, [M, 1, ., .] in {0, 1}, 1 = edited.
+
+        ``masks`` are object masks (> 0.5 = object) at any size; the object is dilated by ``mask_dilate`` pixels at
+        R (semantic-aug §4.2.1: 16 px at 512, so the whole object is enclosed); background mode edits the
+        complement of the dilated object, so the object and a margin around it stay as they are.
+        """
+        R = self.resolution
+        m = F.interpolate((masks.float() > 0.5).float(), size=(R, R), mode="nearest")
+        if self.mask_dilate > 0:
+            m = F.max_pool2d(m, 2 * self.mask_dilate + 1, stride=1, padding=self.mask_dilate)
+        if self.mask_mode == "background":
+            m = 1 - m
+        return m, _fit_mask(m, size)
 
     # ------------------------------------------------------------------ prompts
 
@@ -227,6 +275,7 @@ class SDEditGenerator:
         targets: Tensor,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        masks: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """SDEdit ``images`` towards the prompts of ``targets``, each sample with its own strength.
 
@@ -241,6 +290,14 @@ class SDEditGenerator:
                 except the last. The first draw is the same call as the img2img pipeline's ``prepare_latents``.
             noise: optional ``[M, 4, h, w]`` SDEdit noise (``h = w = resolution / vae scale``), e.g. drawn per sample
                 so that a sample's result does not depend on the batch it is in.
+            masks: ``[M, 1, H', W']`` object masks (> 0.5 = object), required when ``mask_mode`` is not off. Only the
+                :meth:`edit_region` changes: with ``inpaint="unet"`` the SD-inpainting UNet gets the mask and the
+                masked-image latents as diffusers' ``StableDiffusionInpaintPipeline`` builds them; with ``"blend"``
+                the kept region of the latent is replaced after every step by the reference noised to the step's
+                target timestep (the plain-UNet branch of that pipeline; RePaint, Lugmayr et al. 2022, without its
+                resampling). Either way the decoded edit is pasted into the source through the region at the
+                classifier resolution (diffusers' ``apply_overlay``): the kept pixels are the source's exactly, not a
+                VAE round trip of them.
 
         Returns:
             ``(edited, finite)``: ``edited`` is ``[M, 3, H, W]`` float32 in [0, 1]; ``finite`` is ``[M]`` bool. A
@@ -248,6 +305,8 @@ class SDEditGenerator:
         """
         M, _, H, W = images.shape
         dev, dt = self.device, self.dtype
+        if (masks is None) != (self.mask_mode == "off"):
+            raise ValueError(f"aug.mask_mode={self.mask_mode}: masks must be given exactly when a mask mode is on")
         per_sample = self._schedule(strengths).to(dev)  # each sample's timesteps, one column per loop step
         targets = targets.to(dev)
         R = self.resolution
@@ -260,9 +319,18 @@ class SDEditGenerator:
             noise = randn_tensor(z0.shape, generator=generator, device=dev, dtype=dt)
         elif noise.shape != z0.shape:
             raise ValueError(f"noise must have shape {tuple(z0.shape)}, got {tuple(noise.shape)}")
+        z_ref = z0
         if self.latent_noise > 0:  # latent perturbation (semantic-aug §3.1): z0 + delta * N(0, I)
             z0 = z0 + self.latent_noise * randn_tensor(z0.shape, generator=generator, device=dev, dtype=dt).float()
-        lat = self.scheduler.add_noise(z0, noise.to(dev).float(), per_sample.start)
+        noise = noise.to(dev).float()
+        lat = self.scheduler.add_noise(z0, noise, per_sample.start)
+        region = region_lat = extra_in = None
+        if masks is not None:
+            region_r, region = self.edit_region(masks.to(dev), (H, W))
+            region_lat = _fit_mask(region_r, tuple(lat.shape[-2:]))
+            if self.inpaint == "unet":  # the inpainting UNet's extra inputs, as StableDiffusionInpaintPipeline's
+                masked = self._encode((x * (region_r < 0.5)).to(dt)).float()
+                extra_in = torch.cat([F.interpolate(region_r, size=lat.shape[-2:]), masked], 1).to(dt)
 
         cond = self.prompt_embeds[targets]
         if self.do_cfg:
@@ -277,6 +345,8 @@ class SDEditGenerator:
         for k in range(per_sample.first_step, S):
             t, t_prev, active = per_sample.t[:, k], per_sample.t_prev[:, k], per_sample.active[:, k]
             inp = self.scheduler.scale_model_input(lat, t).to(dt)
+            if extra_in is not None:
+                inp = torch.cat([inp, extra_in], 1)
             t_in = t
             if self.do_cfg:
                 inp, t_in = torch.cat([inp, inp]), torch.cat([t, t])
@@ -288,6 +358,8 @@ class SDEditGenerator:
             if self.scheduler.kind == "lcm" and k < S - 1:
                 step_noise = randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
             new = self.scheduler.step(out, lat, t, t_prev, step_noise)
+            if region_lat is not None and self.inpaint == "blend":  # the kept region: the reference at t_prev
+                new = region_lat * new + (1 - region_lat) * self.scheduler.add_noise(z_ref, noise, t_prev)
             # Grid mode: a sample that has not joined yet keeps its noised latent (the mask is a tensor op: no sync).
             lat = torch.where(active.view(-1, 1, 1, 1), new, lat)
 
@@ -296,4 +368,6 @@ class SDEditGenerator:
         finite = torch.isfinite(img).flatten(1).all(dim=1)
         img = _resize((img / 2 + 0.5).clamp(0, 1), (H, W)).clamp(0, 1)
         edited = torch.where(finite.view(-1, 1, 1, 1), img, images.to(dev, torch.float32))
+        if region is not None:
+            edited = torch.where(region > 0, edited, images.to(dev, torch.float32))
         return edited, finite
