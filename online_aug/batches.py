@@ -97,10 +97,16 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
 
 def real_batch(x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int, device: torch.device,
                stats: dict[str, float] | None = None) -> Batch:
-    """A real micro-batch with one-hot targets on ``device``."""
-    return Batch(images=x.to(device, non_blocking=True),
-                 targets=torch.nn.functional.one_hot(y, num_classes).float().to(device),
+    """A real micro-batch with one-hot targets on ``device``. The one-hot is built on the device from the (pinned,
+    on CUDA) labels: a one-hot made on the host would be a pageable copy, which synchronises the trainer's stream."""
+    return Batch(images=x.to(device, non_blocking=True), targets=one_hot_on(y, num_classes, device),
                  labels=y, step=step, stats={} if stats is None else stats)
+
+
+def one_hot_on(y: torch.Tensor, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Float one-hot targets [B, C] of CPU labels, made on ``device`` without a host-device sync (with
+    ``num_classes`` given, CUDA's one_hot reads no value back)."""
+    return torch.nn.functional.one_hot(y.to(device, non_blocking=True), num_classes).float()
 
 
 def real_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,

@@ -72,7 +72,9 @@ def micro_batch(cfg: Config, world_size: int) -> tuple[int, int]:
 
 
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
-    """The one DeepSpeed config of a run. The throughput timer is off: it synchronises the device every step."""
+    """The one DeepSpeed config of a run. Nothing in it may synchronise the whole device per step (the producer's
+    stream shares it): the throughput timer is off, ZeRO 1/2 without overlap_comm, ZeRO-3 without
+    memory_efficient_linear (tests/test_cuda_path.py)."""
     mb, accum = micro_batch(cfg, world_size)
     ds: dict[str, Any] = {
         "train_batch_size": cfg.train.batch_size,
@@ -86,8 +88,15 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict[str, 
         "zero_allow_untested_optimizer": True,
     }
     if cfg.train.zero_stage == 3:
-        # small models: partition every parameter so sharding is real even for the tiny demo classifier
-        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9})
+        # small models: partition every parameter so sharding is real even for the tiny demo classifier.
+        # memory_efficient_linear (on by default) makes zero.Init replace torch.nn.functional.linear for the whole
+        # process: the frozen SD and CLIP built later would run every linear through a Python autograd.Function.
+        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9,
+                                        "memory_efficient_linear": False})
+    elif cfg.train.zero_stage in (1, 2):
+        # overlap_comm makes DeepSpeed synchronize the whole device in every backward epilogue, which would wait
+        # for the generator's UNet work queued on the producer's stream
+        ds["zero_optimization"]["overlap_comm"] = False
     if precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
     elif precision == "bf16":

@@ -49,7 +49,11 @@ class SoftTargetMixup(Mixup):
             lam = self._mix_pair(x)
         else:
             lam = self._mix_batch(x)
-        lam_t = torch.as_tensor(lam, dtype=target.dtype, device=target.device)
-        if lam_t.ndim == 1:
-            lam_t = lam_t[:, None]
+        if np.ndim(lam) == 0:  # batch mode: a Python scalar multiplies on the device, no host-to-device copy
+            lam_t = float(lam)
+        else:  # elem / pair: one lambda per sample, copied without blocking the trainer's stream
+            lam_np = torch.as_tensor(np.asarray(lam), dtype=target.dtype)[:, None]
+            if target.device.type == "cuda":
+                lam_np = lam_np.pin_memory()
+            lam_t = lam_np.to(target.device, non_blocking=True)
         return x, target * lam_t + target.flip(0) * (1 - lam_t)

@@ -1,10 +1,14 @@
 """The prefetch queue: a background producer that augments micro-batches ahead of the trainer.
 
-On CUDA the producer runs on its own ``torch.cuda.Stream``. Each batch is written into a preallocated ring of
-output buffers and handed over with an ``Event``; the trainer's stream waits on that event only (never a
-device-wide synchronize), and records a "released" event that the producer's stream waits on before it reuses the
-slot. That replaces ``record_stream``: tensors made on the side stream never reach the trainer's stream.
-On CPU the same code runs with a thread and no streams.
+On CUDA the producer runs on its own stream (through :mod:`online_aug.streams`, the one home of the stream
+contract). Before it starts, that stream waits on the creating thread's stream: the prompt-embedding cache, the CLIP
+filter's text embeddings and the guard bank were made there. Each batch is written into a preallocated ring of
+output buffers and handed over with an ``Event``; ``next()`` makes the consumer's stream wait on that event only
+(never a device-wide synchronize), and ``release`` records a "released" event that the producer's stream waits on
+before it reuses the slot. That replaces ``record_stream``: tensors made on the side stream never reach the trainer's
+stream. The ring is only safe if the consumer releases batch k before asking for k+1: ``next()`` raises otherwise.
+On CPU the same code runs with a thread and no streams; ``streams.checking()`` (tests) runs it with fake streams and
+raises on any unordered access.
 
 Starvation policy when the queue is empty: ``wait`` blocks (α stays exact); ``real`` trains on the next real
 batch instead (the effective α, logged as ``aug/effective_alpha``, drops below α).
@@ -17,7 +21,6 @@ stops at the step boundary unless ``aug.on_fault=real``). A hung producer thread
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -25,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import streams
 from .batches import Batch, no_edit_stats, real_batch
 from .faults import out_of_memory
 
@@ -39,13 +43,13 @@ class ProducerTimeout(ProducerError):
     """A producer step (fetch + edit of one micro-batch) ran longer than ``timeout_s``."""
 
 
-class _CudaRing:
-    """Preallocated output slots for CUDA hand-off, each with a 'released by the trainer' event."""
+class _Ring:
+    """Preallocated output slots for the stream hand-off, each with a 'released by the trainer' event."""
 
     def __init__(self, n: int):
         self.n, self.slots, self.released, self.next = n, [None] * n, [None] * n, 0
 
-    def put(self, batch: Batch, stream: torch.cuda.Stream) -> Batch:
+    def put(self, batch: Batch, stream) -> Batch:
         i = self.next
         self.next = (i + 1) % self.n
         if self.released[i] is not None:
@@ -60,15 +64,15 @@ class _CudaRing:
         if batch.edit_target is not None:  # read by the trainer's statistics: it lives in the ring like the rest
             edit_target.copy_(batch.edit_target, non_blocking=True)
             batch.edit_target = edit_target
-        ready = torch.cuda.Event()
+        ready = streams.Event()
         ready.record(stream)
         batch.images, batch.targets, batch.ready = images, targets, ready
         batch.slot = i
         return batch
 
     def release(self, batch: Batch) -> None:
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(batch.images.device))
+        ev = streams.Event()
+        ev.record(streams.current_stream(batch.images.device))
         self.released[batch.slot] = ev
 
 
@@ -90,9 +94,14 @@ class Prefetcher:
         self._queue: queue.Queue[Batch] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        cuda = device.type == "cuda"
-        self._stream = torch.cuda.Stream(device) if cuda else None
-        self._ring = _CudaRing(depth + 2) if cuda else None  # queue + one in use + one being written
+        self._held: Batch | None = None  # the ring batch handed out and not yet released
+        ordered = streams.active(device)
+        self._stream = streams.Stream(device) if ordered else None
+        self._ring = _Ring(depth + 2) if ordered else None  # queue + one in use + one being written
+        if self._stream is not None:
+            # what the producer reads and this thread made (prompt cache, filter embeddings, guard bank) is ordered
+            # before everything the producer's stream does
+            self._stream.wait_stream(streams.current_stream(device))
         self._thread = threading.Thread(target=self._produce, name="online-aug-producer", daemon=True)
         self._thread.start()
 
@@ -108,8 +117,8 @@ class Prefetcher:
 
     def _produce(self) -> None:
         try:
-            ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
-            with ctx, torch.no_grad():  # not inference_mode: the trainer backpropagates through these inputs
+            streams.set_device(self.device)  # a new thread starts on device 0, whatever this rank's device is
+            with streams.stream(self._stream), torch.no_grad():  # not inference_mode: the trainer backpropagates
                 while not self._stop.is_set():
                     self._busy_since = time.monotonic()
                     k, x, y, extra = self._next_real()
@@ -117,9 +126,15 @@ class Prefetcher:
                     batch = self.augment(x.to(self.device, non_blocking=True), y, k,
                                          *(e.to(self.device, non_blocking=True) for e in extra))
                     if self._ring is not None:
+                        made = streams.Event()
+                        made.record(self._stream)
+                        made.synchronize()  # this thread waits for its own stream only: true generation time,
+                        gen_ms = 1000 * (time.perf_counter() - t0)  # without the wait for a slot to be released
                         batch = self._ring.put(batch, self._stream)
-                        batch.ready.synchronize()  # this thread waits for its own stream only: true gen time
-                    batch.stats["aug/gen_ms"] = 1000 * (time.perf_counter() - t0)
+                        batch.ready.synchronize()  # a queued batch is a finished one (queue depth means work done)
+                    else:
+                        gen_ms = 1000 * (time.perf_counter() - t0)
+                    batch.stats["aug/gen_ms"] = gen_ms
                     self._busy_since = None
                     while not self._stop.is_set():  # stop set meanwhile (a timeout was declared): drop the batch
                         try:
@@ -136,6 +151,10 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Batch:
+        if self._held is not None:
+            raise RuntimeError(
+                f"Prefetcher: the batch of micro-step {self._held.step} was not released before next(); its ring "
+                f"slot would be overwritten while still in use. Call release(batch) once its last use is queued")
         t0 = time.perf_counter()
         depth = self._queue.qsize()
         if self._check() is not None:
@@ -146,6 +165,9 @@ class Prefetcher:
             batch = self._get()
         batch.stats["aug/stall_ms"] = 1000 * (time.perf_counter() - t0)
         batch.stats["aug/queue_depth"] = float(depth)
+        if batch.ready is not None:
+            self._held = batch
+            streams.wait(self.device, batch.ready)  # the consumer's stream, on this batch only (device side)
         return batch
 
     def _get(self) -> Batch:
@@ -196,6 +218,8 @@ class Prefetcher:
     def release(self, batch: Batch) -> None:
         if self._ring is not None and batch.ready is not None:
             self._ring.release(batch)
+            if batch is self._held:
+                self._held = None
 
     def close(self) -> None:
         """Stop and join the producer (end of training, an error, or Ctrl-C); a hung one is left behind."""

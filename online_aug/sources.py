@@ -20,8 +20,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from . import streams
 from .augment import build_augmenter
-from .batches import Batch, real_batch, real_loader
+from .batches import Batch, one_hot_on, real_batch, real_loader
 from .class_stats import SnapshotBoard
 from .config import Config
 from .faults import inject_into_augment, inject_into_source
@@ -97,13 +98,12 @@ class CMOSource:
         rng = np.random.default_rng([self.seed, batch.step, 2])
         if rng.random() >= self.prob:
             return batch
-        if batch.ready is not None:  # the producer's stream wrote these tensors: order this step after it
-            torch.cuda.current_stream(batch.images.device).wait_event(batch.ready)
+        streams.wait(batch.images.device, batch.ready)  # the producer's stream wrote these tensors: order after it
         lam = float(rng.beta(1.0, 1.0))
         (y0, y1, x0, x1), lam = cutmix_bbox_and_lam(batch.images.shape, lam, correct_lam=True)
         images = batch.images.clone()
         images[:, :, y0:y1, x0:x1] = xm.to(images.device)[:, :, y0:y1, x0:x1]
-        fg = torch.nn.functional.one_hot(ym, self.num_classes).float().to(batch.targets.device)
+        fg = one_hot_on(ym, self.num_classes, batch.targets.device)
         batch.images, batch.targets = images, lam * batch.targets + (1 - lam) * fg
         return batch
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, faults
+from . import checkpoint, faults, streams
 from .batches import Batch, reduce_stats
 from .config import Config, ConfigError, save_config
 from .data import Splits, attach_masks, build_splits, check_generator_folders
@@ -244,9 +244,9 @@ class Trainer:
         """Forward, soft-target loss, backward and (at the accumulation boundary) DeepSpeed's optimizer step on one
         micro-batch; returns the loss on device (no sync without the divergence guard), or None when the guard
         skipped the micro-batch."""
-        if batch.ready is not None:
-            # wait for the producer's stream on this batch only, never on the whole device
-            torch.cuda.current_stream(self.device).wait_event(batch.ready)
+        # wait for the producer's stream on this batch only, never on the whole device (the Prefetcher's next() did
+        # already; a wrapping source may have handed the batch to another stream)
+        streams.wait(self.device, batch.ready)
         x, y = batch.images, batch.targets
         if self.mixup is not None:
             x, y = self.mixup(x, y)

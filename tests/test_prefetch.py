@@ -55,6 +55,13 @@ def _loader(start=0):
     return real_loader(TinyData(), 8, rank=0, world_size=1, seed=1, start=start, num_workers=0)
 
 
+def _take(pre):
+    """next() and release at once: for tests that only read the stats and steps of the batches they keep."""
+    b = next(pre)
+    pre.release(b)
+    return b
+
+
 def test_prefetcher_equals_synchronous_path():
     sync = SyncAugmentedSource(_loader(), _augmenter(FakeGenerator()), CPU, start=0)
     pre = Prefetcher(_loader(), _augmenter(FakeGenerator()), CPU, depth=2, starvation="wait")
@@ -66,6 +73,7 @@ def test_prefetcher_equals_synchronous_path():
             assert torch.equal(a.targets, b.targets)
             assert torch.equal(a.labels, b.labels)
             assert a.stats["aug/effective_alpha"] == b.stats["aug/effective_alpha"] == 0.5
+            pre.release(b)  # the ring's contract (prefetch.py): release batch k before asking for k+1
     finally:
         pre.close()
     assert not pre._thread.is_alive()
@@ -84,7 +92,7 @@ def test_producer_exception_reaches_main_thread_quickly():
     t0 = time.perf_counter()
     with pytest.raises(ProducerError) as info:
         for _ in range(10):
-            next(pre)
+            pre.release(next(pre))
     assert time.perf_counter() - t0 < 5
     assert isinstance(info.value.__cause__, ValueError) and "boom" in str(info.value.__cause__)
     assert info.value.__cause__.__traceback__ is not None  # the producer's traceback is kept
@@ -95,7 +103,7 @@ def test_real_starvation_keeps_training_with_lower_effective_alpha():
     pre = Prefetcher(_loader(), _augmenter(FakeGenerator(delay=0.3)), CPU, depth=2, starvation="real")
     try:
         t0 = time.perf_counter()
-        batches = [next(pre) for _ in range(8)]
+        batches = [_take(pre) for _ in range(8)]
         elapsed = time.perf_counter() - t0
     finally:
         pre.close()
@@ -109,7 +117,7 @@ def test_real_starvation_keeps_training_with_lower_effective_alpha():
 def test_wait_starvation_keeps_alpha_exact():
     pre = Prefetcher(_loader(), _augmenter(FakeGenerator(delay=0.05)), CPU, depth=1, starvation="wait")
     try:
-        batches = [next(pre) for _ in range(4)]
+        batches = [_take(pre) for _ in range(4)]
     finally:
         pre.close()
     assert all(b.stats["aug/effective_alpha"] == 0.5 for b in batches)
