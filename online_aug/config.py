@@ -294,13 +294,20 @@ class AugConfig:
     gamma: float = doc(0.5, "Soft label weight on the target is s^gamma (Diff-Mix eq. 3).")
     model: str = doc("models/tiny-sd-digits", "Stable Diffusion: Hugging Face id or local diffusers folder.")
     prompt: str = doc("a photo of the digit {name}", "Prompt template; {name} is the class name.")
+    prompts: list[str] = doc([], "Prompt diversity: more templates beside aug.prompt; each edit draws one with the "
+                                 "step RNG (all cached).")
+    prompt_file: str = doc("", "Prompt diversity: a text file of more templates, one per line ('#' comments).")
     class_names: list[str] = doc([], "Class names used in prompts (default: the dataset's).")
     negative_prompt: str = doc("", "Unconditional / negative prompt for classifier-free guidance.")
     guidance_scale: float = doc(3.0, "Classifier-free guidance scale (<= 1 disables the unconditional pass).")
     schedule: Literal["fewstep", "grid"] = doc("fewstep", "fewstep: K steps from t0=s*T; grid: diffusers img2img.")
     steps: int = doc(4, "fewstep: denoising steps K per edit.")
     grid_steps: int = doc(25, "grid: N of the N-step schedule; a sample of strength s runs int(N*s) steps.")
-    scheduler: Literal["ddim", "euler", "lcm"] = doc("ddim", "Per-sample scheduler update.")
+    scheduler: Literal["ddim", "euler", "lcm", "dpmsolver++"] = doc(
+        "ddim", "Per-sample scheduler update (dpmsolver++: DPM-Solver++ multistep, Diff-Mix's sampler).")
+    solver_order: int = doc(2, "dpmsolver++: solver order, 1 or 2 (2M, diffusers' default).")
+    gen_from_noise: bool = doc(False, "Text-to-image Gen: a sample of strength 1 starts from pure noise, not from "
+                                      "the noised reference (Diff-Mix §3.4 Real-/Diff-Gen).")
     resolution: int = doc(0, "Generation resolution in pixels (0: the model's native sample size).")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = doc("auto", "Generator dtype: auto is fp16 on CUDA, fp32 on CPU.")
     latent_noise: float = doc(0.0, "Latent perturbation delta: z0 + delta*N(0,I) before SDEdit (semantic-aug §3.1).")
@@ -330,6 +337,10 @@ class AugConfig:
                                         ">0 raises s where edits are already recognised, <0 lowers it; 0 off.")
     dup_threshold: float = doc(0.05, "Near-duplicate guard: an edit whose RMS distance (8x8 gray) to its nearest "
                                      "training image of the target class is below this is counted in aug/near_dup.")
+    reuse: int = doc(1, "Reuse factor k: each edit is used in k consecutive steps (an in-memory ring, ~1/k of the "
+                        "generator work; DA-Fusion's M); 1: every edit fresh.")
+    safety_checker: str = doc("", "SD safety checker: '' off; 'model' (aug.model's safety_checker/) or a folder/hub "
+                                  "id. A flagged edit is re-sampled once, then replaced by its real image.")
     mask_mode: Literal["off", "foreground", "background"] = doc(
         "off", "Object-centric edits (semantic-aug §3.3): foreground edits only the (dilated) object mask, background "
                "only its complement; the rest of the image is kept pixel for pixel.")
@@ -359,6 +370,25 @@ class AugConfig:
         _in_range("aug.adaptive_pairs", self.adaptive_pairs, 0, 1)
         _in_range("aug.adaptive_strength", self.adaptive_strength, -1, 1)
         _at_least("aug.dup_threshold", self.dup_threshold, 0)
+        if self.reuse < 1:
+            raise ConfigError(f"aug.reuse must be >= 1 (times each edit is used; 1: all fresh), got {self.reuse}")
+        if self.reuse > 1 and self.adaptive:
+            raise ConfigError("aug.reuse > 1 reuses edits planned from older statistics, which aug.adaptive=true "
+                              "steers step by step; set aug.reuse=1 or aug.adaptive=false")
+        if self.scheduler == "dpmsolver++" and self.solver_order not in (1, 2):
+            raise ConfigError(f"aug.solver_order={self.solver_order}: the per-sample DPM-Solver++ implements orders "
+                              f"1 and 2; use 2 (2M)")
+        if self.scheduler != "dpmsolver++" and self.solver_order != 2:
+            raise ConfigError(f"aug.solver_order={self.solver_order} applies to aug.scheduler=dpmsolver++ only; "
+                              f"leave it at 2 for aug.scheduler={self.scheduler}")
+        if self.gen_from_noise and self.alpha > 0:
+            hi = self.strength_range[1] if self.strength_range else max(self.strengths, default=0.0)
+            if hi < 1:
+                raise ConfigError("aug.gen_from_noise=true acts on strength-1 samples but no strength is 1; add 1.0 "
+                                  "to aug.strengths (or set aug.gen_from_noise=false)")
+        if self.prompt_file and not Path(self.prompt_file).is_file():
+            raise ConfigError(f"aug.prompt_file={self.prompt_file!r} is not a file; give a text file with one prompt "
+                              f"template per line, or leave it empty")
         _at_least("aug.mask_dilate", self.mask_dilate, 0)
         _in_range("aug.mask_threshold", self.mask_threshold, 0, 1, hi_open=True)
         if self.mask_mode != "off" and not self.mask_source.strip():

@@ -11,9 +11,11 @@ import torch
 from diffusers import (
     AutoencoderTiny,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
 )
 from tiny_sd import build_tiny_sd_components, save_tiny_sd, tiny_pipeline
 
@@ -21,7 +23,8 @@ from online_aug.config import AugConfig, ConfigError
 from online_aug.generator import SDComponents, SDEditGenerator, load_sd, load_taesd
 
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a photo of a ship"]
-SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "lcm": LCMScheduler}
+SCHEDULER_CLASSES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "lcm": LCMScheduler,
+                     "dpmsolver++": DPMSolverMultistepScheduler}
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +52,7 @@ def _noise(m: int, seed: int = 7) -> torch.Tensor:
     return torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed + i)) for i in range(m)])
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "lcm"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "lcm", "dpmsolver++"])
 def test_grid_mode_matches_diffusers_img2img(scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = tiny_pipeline(seed=0)
     pipe.scheduler = SCHEDULER_CLASSES[scheduler].from_config(pipe.scheduler.config)
@@ -223,3 +226,115 @@ def test_taesd_replaces_the_vae(tmp_path, monkeypatch: pytest.MonkeyPatch) -> No
     assert out.shape == (3, 3, 16, 16) and finite.all()
     with pytest.raises(ConfigError, match=r"aug\.taesd"):
         load_taesd(str(tmp_path / "x" / "missing"), torch.device("cpu"), torch.float32)
+
+
+# ---------------------------------------------------------------- text-to-image Gen, DPM-Solver++, prompt diversity
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmsolver++"])
+def test_gen_from_noise_matches_diffusers_text_to_image(scheduler: str) -> None:
+    """gen_from_noise: a strength-1 sample is StableDiffusionPipeline's text-to-image from pure noise (grid mode)."""
+    comps = build_tiny_sd_components(seed=0)
+    comps["scheduler"] = SCHEDULER_CLASSES[scheduler].from_config(comps["scheduler"].config)
+    pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    sd = SDComponents(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    gen = SDEditGenerator(sd, PROMPTS, schedule="grid", grid_steps=10, guidance_scale=3.0, scheduler=scheduler,
+                          gen_from_noise=True)
+    targets = torch.tensor([1, 0, 2])
+    ref = pipe(prompt=[PROMPTS[i] for i in targets], num_inference_steps=10, guidance_scale=3.0, output_type="pt",
+               generator=torch.Generator().manual_seed(5)).images
+    out, finite = gen.edit(_images(3), torch.ones(3), targets, generator=torch.Generator().manual_seed(5))
+    assert finite.all()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    # The reference image no longer leaks in: other images give the same result ...
+    other, _ = gen.edit(_images(3, seed=9), torch.ones(3), targets, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(other, out, atol=1e-5, rtol=0)
+    # ... whereas img2img at s = 1 (the default) keeps some of the reference.
+    gen.gen_from_noise = False
+    i2i, _ = gen.edit(_images(3), torch.ones(3), targets, generator=torch.Generator().manual_seed(5))
+    assert (i2i - out).abs().max() > 1e-3
+
+
+def test_gen_from_noise_acts_on_strength_one_only() -> None:
+    gen = SDEditGenerator(_components(), PROMPTS, steps=3, guidance_scale=2.5, gen_from_noise=True)
+    images, noise = _images(3), _noise(3)
+    strengths, targets = torch.tensor([1.0, 0.6, 1.0]), torch.tensor([0, 1, 2])
+    batch, _ = gen.edit(images, strengths, targets, noise=noise)
+    plain = SDEditGenerator(_components(), PROMPTS, steps=3, guidance_scale=2.5)
+    ref, _ = plain.edit(images, strengths, targets, noise=noise)
+    torch.testing.assert_close(batch[1], ref[1], atol=1e-5, rtol=0)  # s < 1: SDEdit as before
+    assert (batch[0] - ref[0]).abs().max() > 1e-3 and (batch[2] - ref[2]).abs().max() > 1e-3
+    swapped, _ = gen.edit(images.flip(0), strengths, targets, noise=noise)  # other references, same s=1 outputs
+    torch.testing.assert_close(swapped[[0, 2]], batch[[0, 2]], atol=1e-5, rtol=0)
+
+
+def test_dpm_solver_fewstep_matches_diffusers_multistep() -> None:
+    """Few-step mode: each sample's K timesteps run through DPMSolverMultistepScheduler (dpmsolver++, order 2) with
+    those custom timesteps give the same result as the per-sample solver, for a batch of equal strengths."""
+    comps = _components("dpmsolver++")
+    gen = SDEditGenerator(comps, PROMPTS, scheduler="dpmsolver++", steps=4, guidance_scale=3.0)
+    images, targets, s = _images(2), torch.tensor([2, 0]), 0.8
+    out, finite = gen.edit(images, torch.full((2,), s), targets, noise=_noise(2))
+    assert finite.all()
+    row = gen.timesteps_for(torch.tensor([s]))[0]
+    ts = row[row >= 0].tolist()  # [800, 600, 400, 200]
+    ref = DPMSolverMultistepScheduler.from_config(comps.scheduler.config, algorithm_type="dpmsolver++",
+                                                  solver_order=2)
+    ref.set_timesteps(timesteps=ts)
+    with torch.inference_mode():
+        z0 = comps.vae.encode(images * 2 - 1).latent_dist.mean * comps.vae.config.scaling_factor
+        lat = ref.add_noise(z0, _noise(2), torch.tensor([ts[0]] * 2))
+        emb = torch.cat([gen.uncond_embeds.expand(2, -1, -1), gen.prompt_embeds[targets]])
+        for t in ref.timesteps:
+            o = comps.unet(torch.cat([lat, lat]), t, encoder_hidden_states=emb).sample
+            u, c = o.chunk(2)
+            lat = ref.step(u + 3.0 * (c - u), t, lat).prev_sample
+        want = (comps.vae.decode(lat / comps.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
+    first = SDEditGenerator(comps, PROMPTS, scheduler="dpmsolver++", solver_order=1, steps=4, guidance_scale=3.0)
+    assert (first.edit(images, torch.full((2,), s), targets, noise=_noise(2))[0] - out).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("schedule", ["fewstep", "grid"])
+def test_dpm_solver_mixed_strengths_equal_each_sample_alone(schedule: str) -> None:
+    """The per-sample history: samples that join the grid at different steps are solved as if alone."""
+    gen = SDEditGenerator(_components("dpmsolver++"), PROMPTS, scheduler="dpmsolver++", schedule=schedule, steps=3,
+                          grid_steps=10, guidance_scale=2.5)
+    images, noise = _images(4), _noise(4)
+    strengths, targets = torch.tensor([0.3, 0.9, 0.55, 1.0]), torch.tensor([2, 0, 1, 1])
+    batch, finite = gen.edit(images, strengths, targets, noise=noise)
+    assert finite.all()
+    for i in range(4):
+        alone, _ = gen.edit(images[i:i + 1], strengths[i:i + 1], targets[i:i + 1], noise=noise[i:i + 1])
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_dpm_solver_bad_order_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"aug\.scheduler='dpmsolver\+\+' \(aug\.solver_order=3\).*not implemented"):
+        SDEditGenerator(_components(), PROMPTS, scheduler="dpmsolver++", solver_order=3)
+
+
+def test_prompt_templates_are_cached_and_drawn_per_edit(tmp_path) -> None:
+    folder = save_tiny_sd(tmp_path / "sd")
+    lines = "# appearance changes\na {name} at night\n\na {name} in the snow\n"
+    (tmp_path / "prompts.txt").write_text(lines)
+    aug = AugConfig(model=str(folder), prompt="a photo of a {name}", prompts=["a drawing of a {name}"],
+                    prompt_file=str(tmp_path / "prompts.txt"), steps=2)
+    gen = SDEditGenerator.from_config(aug, ["cat", "dog"], torch.device("cpu"))
+    assert gen.num_templates == 4 and gen.class_prompts == ["a photo of a cat", "a photo of a dog"]
+    assert gen.prompt_table[3] == ["a cat in the snow", "a dog in the snow"]
+    assert gen.prompt_embeds.shape[0] == 8  # every template of every class, encoded once
+    images, s, y = _images(2), torch.tensor([0.8, 0.8]), torch.tensor([1, 1])
+    default, _ = gen.edit(images, s, y, noise=_noise(2))
+    zero, _ = gen.edit(images, s, y, noise=_noise(2), templates=torch.tensor([0, 0]))
+    torch.testing.assert_close(zero, default, atol=0, rtol=0)
+    mixed, _ = gen.edit(images, s, y, noise=_noise(2), templates=torch.tensor([0, 3]))
+    torch.testing.assert_close(mixed[0], default[0], atol=1e-6, rtol=0)
+    assert (mixed[1] - default[1]).abs().max() > 1e-4  # template 3 conditions sample 1 differently
+    with pytest.raises(ConfigError, match=r"aug\.prompt_file='.*missing\.txt' is not a file"):
+        SDEditGenerator.from_config(dataclasses.replace(aug, prompt_file=str(tmp_path / "missing.txt")), ["cat", "dog"],
+                                    torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"aug\.prompts\[0\]=.*placeholders"):
+        SDEditGenerator.from_config(dataclasses.replace(aug, prompts=["a {colour} {name}"]), ["cat", "dog"],
+                                    torch.device("cpu"))

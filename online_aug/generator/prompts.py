@@ -7,8 +7,13 @@ A prompt template holds ``{name}`` (the class name) and/or ``{token}`` (the clas
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from online_aug.config import ConfigError
+
+if TYPE_CHECKING:
+    from online_aug.config import AugConfig
 
 
 def resolve_class_names(class_names: list[str], dataset_names: list[str], key: str = "aug.class_names") -> list[str]:
@@ -71,3 +76,21 @@ def class_prompts(template: str, names: list[str], tokens: list[str] | None = No
     if tokens is not None and len(tokens) != len(names):
         raise ConfigError(f"{len(tokens)} learned tokens for {len(names)} classes")
     return [render_prompt(template, n, None if tokens is None else tokens[i]) for i, n in enumerate(names)]
+
+
+def prompt_templates(aug: AugConfig) -> list[tuple[str, str]]:
+    """Prompt diversity: ``(key, template)`` for ``aug.prompt``, then ``aug.prompts``, then each non-empty line of
+    ``aug.prompt_file`` (``#`` starts a comment line); each edit draws one (the key names it in errors)."""
+    out = [("aug.prompt", aug.prompt)]
+    out += [(f"aug.prompts[{i}]", t) for i, t in enumerate(aug.prompts)]
+    if aug.prompt_file:
+        path = Path(aug.prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"aug.prompt_file={aug.prompt_file!r} is not a file; give a text file with one prompt "
+                              f"template per line, or leave it empty")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        file_templates = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not file_templates:
+            raise ConfigError(f"aug.prompt_file={aug.prompt_file!r} holds no template; write one per line")
+        out += [(f"aug.prompt_file line {lines.index(t) + 1}", t) for t in file_templates]
+    return out

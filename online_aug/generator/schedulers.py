@@ -1,9 +1,10 @@
 """Per-sample timestep schedules and scheduler updates for batched SDEdit (Meng et al., 2022).
 
 diffusers' schedulers step a whole batch at one shared timestep. Online augmentation draws a strength per image, so
-every sample here carries its own schedule (a row of a ``[M, S]`` table) and the DDIM / Euler / LCM update is written
-out per sample with ``alphas_cumprod`` gathered at each row's timestep. The updates reproduce
-``DDIMScheduler.step`` (eta=0), ``EulerDiscreteScheduler.step`` (no churn) and ``LCMScheduler.step`` from the loaded
+every sample here carries its own schedule (a row of a ``[M, S]`` table) and the DDIM / Euler / LCM / DPM-Solver++
+update is written out per sample with ``alphas_cumprod`` gathered at each row's timestep. The updates reproduce
+``DDIMScheduler.step`` (eta=0), ``EulerDiscreteScheduler.step`` (no churn), ``LCMScheduler.step`` and
+``DPMSolverMultistepScheduler.step`` (``algorithm_type="dpmsolver++"``, orders 1 and 2, midpoint) from the loaded
 scheduler config; the grid schedule reproduces ``StableDiffusionImg2ImgPipeline.get_timesteps``.
 
 Schedule tables are built on the host from the strengths (one copy of ``M`` floats), so the denoising loop itself
@@ -17,11 +18,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 from torch import Tensor
 
-SchedulerKind = Literal["ddim", "euler", "lcm"]
-SCHEDULER_CLASSES: dict[str, Any] = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "lcm": LCMScheduler}
+SchedulerKind = Literal["ddim", "euler", "lcm", "dpmsolver++"]
+SCHEDULER_CLASSES: dict[str, Any] = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "lcm": LCMScheduler,
+                                     "dpmsolver++": DPMSolverMultistepScheduler}
+SOLVER_ORDERS = (1, 2)  # DPM-Solver++ orders of the per-sample update (diffusers' 2M is order 2)
+# The DPM-Solver++ variant reproduced: sigmas at the integer timesteps, the last step first order down to sigma 0.
+DPM_SETTINGS: dict[str, Any] = dict(algorithm_type="dpmsolver++", solver_type="midpoint", final_sigmas_type="zero",
+                                    lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,
+                                    use_lu_lambdas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                                    use_flow_sigmas=False)
 
 # Strengths arrive as float32 tensors: 0.35 is stored as 0.34999999, and floor(1000 * s) would give 349 where the
 # caller meant 350 (as the Python float diffusers receives would give). Strengths are therefore rounded to 6
@@ -32,6 +40,13 @@ def _floor_times(s: Tensor, n: int) -> Tensor:
     return torch.floor(s6 * n + 1e-9).long()
 
 
+def full_strength(strengths: Tensor) -> Tensor:
+    """``[M]`` bool on the host: the strengths that are 1 (to 6 decimals), the samples text-to-image Gen starts from
+    pure noise."""
+    s = strengths.detach().to("cpu", torch.float64).reshape(-1)
+    return _floor_times(s, 10**6) >= 10**6
+
+
 @dataclass
 class Schedule:
     """Per-sample schedule over ``S`` loop steps (all tensors on one device).
@@ -39,7 +54,7 @@ class Schedule:
     Attributes:
         t: ``[M, S]`` long, the timestep sample ``m`` is at when loop step ``k`` runs (fed to the UNet).
         t_prev: ``[M, S]`` long, the timestep step ``k`` moves it to; ``-1`` means the end of the chain
-            (``final_alpha_cumprod`` for DDIM/LCM, sigma 0 for Euler).
+            (``final_alpha_cumprod`` for DDIM/LCM, sigma 0 for Euler and DPM-Solver++).
         active: ``[M, S]`` bool, whether sample ``m`` is updated at step ``k`` (grid mode: it has joined).
         start: ``[M]`` long, the timestep the clean latent is noised to; ``-1`` for a sample with no steps.
         first_step: first loop step at which any sample is active (a host int: earlier steps are skipped).
@@ -83,19 +98,36 @@ def fewstep_schedule(strengths: Tensor, steps: int, num_train_timesteps: int) ->
     return Schedule(t, t_prev, active, t[:, 0].clone(), 0)
 
 
+@dataclass
+class SolverHistory:
+    """What a multistep solver keeps per sample: its last data prediction and the timestep it was made at.
+
+    ``has[m]`` is False until sample ``m`` has taken a step (grid mode: samples join the loop at different steps).
+    """
+
+    x0: Tensor
+    t: Tensor
+    has: Tensor
+
+
 class PerSampleScheduler:
-    """DDIM (eta=0), Euler (sigma space) or LCM updates, one timestep per sample.
+    """DDIM (eta=0), Euler (sigma space), LCM or DPM-Solver++ (multistep, order 1 or 2) updates, one timestep per
+    sample.
 
     Built from the loaded scheduler's config (``alphas_cumprod``, ``prediction_type``, ``set_alpha_to_one``,
     ``clip_sample``, LCM's ``timestep_scaling``), whatever scheduler class that config came from.
     """
 
-    def __init__(self, kind: SchedulerKind, config: Any, device: torch.device) -> None:
+    def __init__(self, kind: SchedulerKind, config: Any, device: torch.device, solver_order: int = 2) -> None:
         if kind not in SCHEDULER_CLASSES:
             raise ValueError(f"unknown scheduler {kind!r}; choose one of {sorted(SCHEDULER_CLASSES)}")
+        if kind == "dpmsolver++" and solver_order not in SOLVER_ORDERS:
+            raise ValueError(f"solver order {solver_order} is not implemented per sample; use one of {SOLVER_ORDERS}")
         self.kind = kind
+        self.solver_order = int(solver_order)
         # A private instance: set_timesteps mutates it, and the loaded scheduler may be shared with a pipeline.
-        self.ref = SCHEDULER_CLASSES[kind].from_config(config)
+        extra = dict(DPM_SETTINGS, solver_order=self.solver_order) if kind == "dpmsolver++" else {}
+        self.ref = SCHEDULER_CLASSES[kind].from_config(config, **extra)
         cfg = self.ref.config
         if getattr(cfg, "thresholding", False):
             raise ValueError("scheduler config has thresholding=True, which the per-sample update does not implement")
@@ -106,8 +138,8 @@ class PerSampleScheduler:
         clip = getattr(cfg, "clip_sample", False)
         self.clip_sample_range: float | None = float(cfg.clip_sample_range) if clip else None
         ac = self.ref.alphas_cumprod.double()
-        if kind == "euler":
-            final = torch.ones(1, dtype=torch.float64)  # Euler ends at sigma = 0 (final_sigmas_type "zero")
+        if kind in ("euler", "dpmsolver++"):
+            final = torch.ones(1, dtype=torch.float64)  # these end at sigma = 0 (final_sigmas_type "zero")
         else:
             final = torch.as_tensor(self.ref.final_alpha_cumprod, dtype=torch.float64).reshape(1)
         # Index t + 1, so that t = -1 (end of chain) gathers the final value without a branch.
@@ -128,8 +160,9 @@ class PerSampleScheduler:
         """diffusers img2img semantics per sample: the tail of one N-step grid.
 
         ``init_timestep = min(int(N*s), N)``, ``t_start = max(N - init_timestep, 0)``, the sample runs
-        ``timesteps[t_start:]`` (these schedulers have order 1) and is noised at ``timesteps[t_start]``. A DDIM step
-        moves to ``t - T // N`` as ``DDIMScheduler.step`` does; Euler and LCM move to the next grid entry.
+        ``timesteps[t_start:]`` (these schedulers have ``order`` 1, DPM-Solver++'s multistep included) and is noised
+        at ``timesteps[t_start]``. A DDIM step moves to ``t - T // N`` as ``DDIMScheduler.step`` does; Euler, LCM and
+        DPM-Solver++ move to the next grid entry.
         """
         s = strengths.detach().to("cpu", torch.float64).reshape(-1)
         N = num_steps
@@ -168,10 +201,28 @@ class PerSampleScheduler:
             x = a**0.5 * z0 + (1 - a) ** 0.5 * noise
         return torch.where((t >= 0).view(-1, 1, 1, 1), x, z0)
 
+    def init_noise(self, noise: Tensor, t: Tensor) -> Tensor:
+        """Pure noise at each sample's timestep ``t`` (text-to-image from scratch), scaled as the text-to-image
+        pipeline scales its first latents (``init_noise_sigma``: 1, or Euler's sigma of ``t``)."""
+        if self.kind != "euler":
+            return noise
+        sigma = self._sigma(t)
+        if getattr(self.ref.config, "timestep_spacing", "linspace") in ("linspace", "trailing"):
+            return noise * sigma
+        return noise * (sigma**2 + 1) ** 0.5
+
     def scale_model_input(self, x: Tensor, t: Tensor) -> Tensor:
         if self.kind == "euler":
             return x / (self._sigma(t) ** 2 + 1) ** 0.5
         return x
+
+    def new_history(self, x: Tensor) -> SolverHistory | None:
+        """Empty per-sample history for a multistep solver (None for the one-step updates)."""
+        if self.kind != "dpmsolver++":
+            return None
+        m = x.shape[0]
+        return SolverHistory(torch.zeros_like(x), torch.full((m,), -1, dtype=torch.long, device=x.device),
+                             torch.zeros(m, dtype=torch.bool, device=x.device))
 
     def _x0_eps(self, out: Tensor, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         """(predicted clean latent, predicted noise) from the model output, as DDIMScheduler.step derives them."""
@@ -188,12 +239,18 @@ class PerSampleScheduler:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         return x0, eps
 
-    def step(self, out: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, noise: Tensor | None = None) -> Tensor:
+    def step(self, out: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, noise: Tensor | None = None,
+             history: SolverHistory | None = None, active: Tensor | None = None) -> Tensor:
         """One update of every sample from ``t[m]`` to ``t_prev[m]`` (``-1``: end of chain).
 
         ``noise`` is needed by LCM only (re-noising to ``t_prev``); samples whose ``t_prev`` is -1 return the
-        denoised latent, as ``LCMScheduler.step`` does on its last step.
+        denoised latent, as ``LCMScheduler.step`` does on its last step. DPM-Solver++ needs ``history``
+        (:meth:`new_history`), updated in place for the ``active`` samples (all when None).
         """
+        if self.kind == "dpmsolver++":
+            if history is None:
+                raise ValueError("DPM-Solver++ steps need the per-sample history of new_history()")
+            return self._dpm_step(out, x, t, t_prev, history, active)
         if self.kind == "euler":
             sigma, sigma_prev = self._sigma(t), self._sigma(t_prev)
             if self.prediction_type == "epsilon":
@@ -218,6 +275,41 @@ class PerSampleScheduler:
             return denoised
         renoised = a_prev**0.5 * denoised + (1 - a_prev) ** 0.5 * noise
         return torch.where((t_prev < 0).view(-1, 1, 1, 1), denoised, renoised)
+
+
+    def _dpm_alpha_sigma_lambda(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``DPMSolverMultistepScheduler._sigma_to_alpha_sigma_t`` and lambda = log(alpha / sigma) at ``t``."""
+        sigma = self._sigma(t)
+        alpha = 1 / (sigma**2 + 1) ** 0.5
+        s = sigma * alpha
+        return alpha, s, torch.log(alpha) - torch.log(s)
+
+    # Hand-written because diffusers' multistep scheduler keeps one history and one step index for the whole batch,
+    # while here every sample has its own timesteps and joins the loop at its own step (grid mode).
+    def _dpm_step(self, out: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, history: SolverHistory,
+                  active: Tensor | None) -> Tensor:
+        """DPM-Solver++ (Lu et al. 2022) per sample, as ``DPMSolverMultistepScheduler.step`` with the settings of
+        ``DPM_SETTINGS``: first order on a sample's first step and on the step down to sigma 0, else (order 2) the
+        2M midpoint update from the previous data prediction."""
+        a = self._a(t)
+        x0, _ = self._x0_eps(out, x, a)  # convert_model_output: the data prediction (dpmsolver++)
+        alpha_t, sigma_t, lambda_t = self._dpm_alpha_sigma_lambda(t_prev)
+        _, sigma_s0, lambda_s0 = self._dpm_alpha_sigma_lambda(t)
+        h = lambda_t - lambda_s0
+        phi = alpha_t * (torch.exp(-h) - 1.0)
+        first = (sigma_t / sigma_s0) * x - phi * x0
+        new = first
+        if self.solver_order == 2:
+            _, _, lambda_s1 = self._dpm_alpha_sigma_lambda(history.t.clamp(min=0))
+            r0 = (lambda_s0 - lambda_s1) / h
+            second = first - 0.5 * phi * (1.0 / r0) * (x0 - history.x0)
+            use2 = (history.has & (t_prev >= 0)).view(-1, 1, 1, 1)
+            new = torch.where(use2, second, first)  # the unused branch may hold inf (sigma 0): where() drops it
+        upd = torch.ones_like(history.has) if active is None else active
+        history.x0 = torch.where(upd.view(-1, 1, 1, 1), x0, history.x0)
+        history.t = torch.where(upd, t, history.t)
+        history.has = history.has | upd
+        return new
 
 
 def guidance_scale_embedding(w: Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -22,12 +22,13 @@ from online_aug.config import ConfigError
 from online_aug.devices import resolve_dtype
 from online_aug.generator.finetuned import apply_finetuned
 from online_aug.generator.loading import SDComponents, load_sd
-from online_aug.generator.prompts import check_prompt_template, class_prompts, resolve_class_names
+from online_aug.generator.prompts import check_prompt_template, class_prompts, prompt_templates, resolve_class_names
 from online_aug.generator.schedulers import (
     PerSampleScheduler,
     Schedule,
     SchedulerKind,
     fewstep_schedule,
+    full_strength,
     guidance_scale_embedding,
 )
 
@@ -74,6 +75,14 @@ class SDEditGenerator:
     0.35 (350, not 349). Where Python's double rounding makes diffusers land one lower (``int(100 * 0.29)`` is 28)
     this gives the decimal answer (29).
 
+    Text-to-image Gen (``gen_from_noise``): a sample of strength 1 starts from pure noise (scaled as
+    ``StableDiffusionPipeline`` scales its first latents) instead of the reference noised to the first timestep,
+    where SD's ``alphas_cumprod`` at t = 999 still lets about 7 % of the reference latent through. In grid mode such
+    a sample is ``StableDiffusionPipeline``'s text-to-image; it shares the batch with the SDEdit samples.
+
+    DPM-Solver++ (``scheduler="dpmsolver++"``, ``solver_order`` 1 or 2) keeps a history per sample: a sample's
+    first step is first order, as is the step down to sigma 0, whichever loop step the sample joins at.
+
     Guidance: classifier-free guidance with batch ``[uncond; cond]`` when ``guidance_scale > 1`` and the UNet has no
     ``time_cond_proj_dim``; an LCM-distilled UNet (with ``time_cond_proj_dim``) gets the guidance-scale embedding
     instead, as in diffusers.
@@ -90,6 +99,8 @@ class SDEditGenerator:
         steps: int = 4,
         grid_steps: int = 25,
         scheduler: SchedulerKind = "ddim",
+        solver_order: int = 2,
+        gen_from_noise: bool = False,
         resolution: int = 0,
         latent_noise: float = 0.0,
         mask_mode: Literal["off", "foreground", "background"] = "off",
@@ -109,13 +120,14 @@ class SDEditGenerator:
         self.steps = int(steps)
         self.grid_steps = int(grid_steps)
         self.latent_noise = float(latent_noise)
+        self.gen_from_noise = bool(gen_from_noise)
         self.negative_prompt = negative_prompt
         self.mask_mode, self.mask_dilate, self.inpaint = mask_mode, int(mask_dilate), inpaint
         self._check_inpaint_unet()
         try:
-            self.scheduler = PerSampleScheduler(scheduler, components.scheduler.config, self.device)
+            self.scheduler = PerSampleScheduler(scheduler, components.scheduler.config, self.device, solver_order)
         except ValueError as e:
-            raise ConfigError(f"aug.scheduler={scheduler!r}: {e}") from e
+            raise ConfigError(f"aug.scheduler={scheduler!r} (aug.solver_order={solver_order}): {e}") from e
         if schedule == "grid" and scheduler == "lcm":
             orig = int(getattr(self.scheduler.ref.config, "original_inference_steps", grid_steps))
             if grid_steps > orig:
@@ -150,7 +162,9 @@ class SDEditGenerator:
         is the class name, or its learned token when ``aug.textual_inversion`` is set).
         """
         names = resolve_class_names(aug.class_names, class_names)
-        check_prompt_template(aug.prompt, "aug.prompt", with_tokens=bool(aug.textual_inversion))  # before loading
+        templates = prompt_templates(aug)  # every template checked (and aug.prompt_file read) before loading
+        for key, template in templates:
+            check_prompt_template(template, key, with_tokens=bool(aug.textual_inversion))
         device = torch.device(device)
         dtype = resolve_dtype(aug.dtype, device)
         if device.type == "cpu" and dtype == torch.float16:
@@ -158,7 +172,7 @@ class SDEditGenerator:
         components = load_sd(aug.model, device, dtype, aug.taesd)
         # Learned tokens and LoRA (tools/finetune_sd.py) go in before __init__ builds the prompt cache from them.
         tokens = apply_finetuned(components, aug, len(names))
-        prompts = class_prompts(aug.prompt, names, tokens)
+        prompts = [class_prompts(template, names, tokens, key) for key, template in templates]
         return cls(
             components,
             prompts,
@@ -168,6 +182,8 @@ class SDEditGenerator:
             steps=aug.steps,
             grid_steps=aug.grid_steps,
             scheduler=aug.scheduler,
+            solver_order=aug.solver_order,
+            gen_from_noise=aug.gen_from_noise,
             resolution=aug.resolution,
             latent_noise=aug.latent_noise,
             mask_mode=aug.mask_mode,
@@ -226,12 +242,22 @@ class SDEditGenerator:
         out = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
         return out.to(device=self.device, dtype=self.dtype)
 
-    def set_class_prompts(self, prompts: list[str]) -> None:
-        """Rebuild the prompt cache: ``prompt_embeds [C, L, D]`` (one per class) and ``uncond_embeds [1, L, D]``."""
-        if not prompts:
+    def set_class_prompts(self, prompts: list[str] | list[list[str]]) -> None:
+        """Rebuild the prompt cache: ``prompt_embeds [P*C, L, D]`` and ``uncond_embeds [1, L, D]``.
+
+        ``prompts`` is one prompt per class, or (prompt diversity) one such list per template: row ``p * C + c`` of
+        the cache is template ``p`` of class ``c``, so template 0 is indexed by the class id alone.
+        """
+        table = [list(row) for row in prompts] if prompts and isinstance(prompts[0], list) else [list(prompts)]
+        if not table[0]:
             raise ConfigError("no class prompts: the dataset has no classes or aug.class_names is empty")
-        self.class_prompts = list(prompts)
-        self.prompt_embeds = self.encode_prompts(self.class_prompts)
+        if any(len(row) != len(table[0]) for row in table):
+            raise ValueError("every prompt template needs one prompt per class")
+        self.prompt_table = table
+        self.class_prompts = table[0]
+        self.num_templates = len(table)
+        flat = [p for row in table for p in row]
+        self.prompt_embeds = torch.cat([self.encode_prompts(flat[i:i + 256]) for i in range(0, len(flat), 256)])
         self.uncond_embeds = self.encode_prompts([self.negative_prompt])
 
     # ------------------------------------------------------------------ schedule
@@ -276,6 +302,7 @@ class SDEditGenerator:
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         masks: Tensor | None = None,
+        templates: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """SDEdit ``images`` towards the prompts of ``targets``, each sample with its own strength.
 
@@ -284,6 +311,7 @@ class SDEditGenerator:
             strengths: ``[M]`` float in [0, 1] (see the class docstring). Keep them on the CPU: the schedule table is
                 built on the host, so strengths on the GPU cost one device sync here (before the loop, never in it).
             targets: ``[M]`` long class ids indexing the prompt cache.
+            templates: optional ``[M]`` long prompt-template ids (prompt diversity; default template 0).
             generator: RNG for all noise (CPU or ``self.device`` generator; ``randn_tensor`` draws on the generator's
                 device and copies). Draw order: the SDEdit noise ``[M, 4, h, w]`` (unless ``noise`` is given), then
                 the latent perturbation if ``latent_noise > 0``, then (LCM) one ``[M, 4, h, w]`` re-noise per step
@@ -324,6 +352,9 @@ class SDEditGenerator:
             z0 = z0 + self.latent_noise * randn_tensor(z0.shape, generator=generator, device=dev, dtype=dt).float()
         noise = noise.to(dev).float()
         lat = self.scheduler.add_noise(z0, noise, per_sample.start)
+        if self.gen_from_noise:  # text-to-image Gen: a sample of strength 1 starts from pure noise, not the reference
+            gen = full_strength(strengths).to(dev).view(-1, 1, 1, 1)
+            lat = torch.where(gen, self.scheduler.init_noise(noise, per_sample.start), lat)
         region = region_lat = extra_in = None
         if masks is not None:
             region_r, region = self.edit_region(masks.to(dev), (H, W))
@@ -332,7 +363,8 @@ class SDEditGenerator:
                 masked = self._encode((x * (region_r < 0.5)).to(dt)).float()
                 extra_in = torch.cat([F.interpolate(region_r, size=lat.shape[-2:]), masked], 1).to(dt)
 
-        cond = self.prompt_embeds[targets]
+        rows = targets if templates is None else templates.to(dev) * len(self.class_prompts) + targets
+        cond = self.prompt_embeds[rows]
         if self.do_cfg:
             emb = torch.cat([self.uncond_embeds.expand(M, -1, -1), cond])
         else:
@@ -342,6 +374,7 @@ class SDEditGenerator:
             tcond = self.timestep_cond.expand(emb.shape[0], -1)
 
         S = per_sample.t.shape[1]
+        history = self.scheduler.new_history(lat)  # multistep solvers: each sample's own previous prediction
         for k in range(per_sample.first_step, S):
             t, t_prev, active = per_sample.t[:, k], per_sample.t_prev[:, k], per_sample.active[:, k]
             inp = self.scheduler.scale_model_input(lat, t).to(dt)
@@ -357,7 +390,7 @@ class SDEditGenerator:
             step_noise = None
             if self.scheduler.kind == "lcm" and k < S - 1:
                 step_noise = randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
-            new = self.scheduler.step(out, lat, t, t_prev, step_noise)
+            new = self.scheduler.step(out, lat, t, t_prev, step_noise, history, active)
             if region_lat is not None and self.inpaint == "blend":  # the kept region: the reference at t_prev
                 new = region_lat * new + (1 - region_lat) * self.scheduler.add_noise(z_ref, noise, t_prev)
             # Grid mode: a sample that has not joined yet keeps its noised latent (the mask is a tensor op: no sync).
