@@ -26,6 +26,7 @@ METHODS: tuple[str, ...] = (
     "baseline-cb", "baseline-cmo", "baseline-upper-bound",
     "real-guidance", "real-gen", "real-mix", "da-fusion", "diff-gen", "diff-aug", "diff-mix", "diff-mix-uniformize",
     "diff-mix-cutmix", "latent-perturbation", "composition", "real-guidance-leakage-free", "da-fusion-leakage-free",
+    "object-centric-foreground", "object-centric-background",
 )
 # run.stop_signals may name these (catchable, and what schedulers send: SLURM SIGTERM/SIGUSR1, PBS/LSF SIGXCPU)
 STOP_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
@@ -195,6 +196,10 @@ class TrainConfig:
     max_bad_steps: int = doc(5, "Divergence guard: a micro-batch with a non-finite loss (or above train.max_loss) is "
                                 "skipped and counted; this many in a row stop the run (exit 3); 0: off.")
     max_loss: float = doc(0.0, "Divergence guard: a finite loss above this also counts as bad (0: no threshold).")
+    guard_every: int = doc(1, "Divergence guard interval: 1 reads each micro-batch's loss on the host and skips a bad "
+                              "one exactly (a device sync per micro-batch on GPU); N > 1 checks on the device and "
+                              "reads every N steps (no per-step sync): a bad loss then stops the run (exit 3) "
+                              "without saving the weights it reached.")
     eval_batch_size: int = doc(256, "Per-rank eval batch size.")
     eval_split: Literal["test", "val"] = doc(
         "test", "Split evaluated during and after training; 'val' (needs data.val_per_class or val_fraction) "
@@ -245,6 +250,7 @@ class TrainConfig:
         _at_least("train.keep_last", self.keep_last, 1)
         _at_least("train.max_bad_steps", self.max_bad_steps, 0)
         _at_least("train.max_loss", self.max_loss, 0)
+        _at_least("train.guard_every", self.guard_every, 1)
         _at_least("train.eval_batch_size", self.eval_batch_size, 1)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")

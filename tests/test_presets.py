@@ -92,6 +92,13 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
     "composition": ("semantic-aug §3.4: strengths {i/k}, k = 8, composed with §3.1",
                     {"aug.alpha": 0.5, "aug.strengths": [i / 8 for i in range(1, 9)], "aug.target_mode": "intra",
                      "aug.latent_noise": 0.2}),
+    "object-centric-foreground": ("semantic-aug §3.3, §4.2.1 Figs 4-5: foreground masks dilated 16 px at 512, on "
+                                  "DA-Fusion's settings",
+                                  {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
+                                   "aug.mask_mode": "foreground"}),
+    "object-centric-background": ("semantic-aug §3.3, §4.2.1 Figs 4-5: the inverted (dilated) foreground mask",
+                                  {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
+                                   "aug.mask_mode": "background"}),
 }
 
 
@@ -136,6 +143,7 @@ def test_real_variants_validate_and_keep_the_method_values(path):
     preset = next(n for n in sorted(PAPER, key=len, reverse=True) if path.stem.startswith(n + "-"))
     digits = load_config(CONFIGS / f"{preset}.yaml")
     for key in ("aug.method", "aug.alpha", "aug.strengths", "aug.target_mode", "aug.gamma", "aug.latent_noise",
+                "aug.mask_mode",
                 "train.mixup_alpha", "train.cutmix_alpha", "train.label_smoothing", "train.drw_start"):
         assert _get(cfg, key) == _get(digits, key), f"{path.name}: {key} differs from configs/{preset}.yaml"
     if cfg.aug.alpha > 0:
