@@ -9,8 +9,9 @@
 One folder holds both, in formats diffusers reads (the learning is :mod:`online_aug.finetune`, run by
 ``tools/finetune_sd.py``; this module is only the format, as diffusers' ``loaders/textual_inversion.py`` is):
 
-- ``learned_embeds/class_<i>.safetensors``: one file per class, a dict ``{token string: [D] embedding}`` (the format
-  ``pipeline.load_textual_inversion`` reads), written by :func:`save_learned_embeddings`;
+- ``learned_embeds/class_<i>.safetensors``: one file per class, a dict ``{token string: [D] embedding}``, or
+  ``[n, D]`` for a token of n vectors (DA-Fusion's later setting: 4), the format ``pipeline.load_textual_inversion``
+  reads (it adds the words ``<t>``, ``<t>_1``, ...; :func:`token_words`), written by :func:`save_learned_embeddings`;
 - ``pytorch_lora_weights.safetensors`` (with a LoRA): written by :func:`save_lora` with ``save_lora_weights`` from
   the PEFT state dict, read by ``pipeline.load_lora_weights``;
 - ``manifest.json`` (:func:`write_manifest` / :func:`read_manifest`): class index -> token string and file,
@@ -178,9 +179,24 @@ def check_base(manifest: dict[str, Any], components: SDComponents, path: Path, k
                           f"tools/finetune_sd.py on this one.")
 
 
+def token_words(token: str, vectors: int) -> list[str]:
+    """The tokenizer words of a class token learned with ``vectors`` embedding vectors.
+
+    diffusers' ``load_textual_inversion`` naming: a ``[n, D]`` embedding of ``<t>`` becomes the words ``<t>``,
+    ``<t>_1``, ..., ``<t>_{n-1}``, and a prompt holds all of them (:func:`token_phrase`).
+    """
+    return [token] + [f"{token}_{k}" for k in range(1, vectors)]
+
+
+def token_phrase(token: str, vectors: int) -> str:
+    """What stands for the class in a prompt: ``<t>`` for one vector, ``<t> <t>_1 <t>_2 <t>_3`` for four."""
+    return " ".join(token_words(token, vectors))
+
+
 def load_learned_embeddings(folder: str | Path, num_classes: int, key: str = "aug.textual_inversion",
-                            manifest: dict[str, Any] | None = None) -> tuple[list[str], Tensor]:
-    """Tokens (class order) and their embeddings ``[C, D]`` from a folder written by tools/finetune_sd.py."""
+                            manifest: dict[str, Any] | None = None) -> tuple[list[str], list[str], Tensor]:
+    """From a folder written by tools/finetune_sd.py: each class's prompt phrase (class order), the tokenizer words
+    to add and their embeddings ``[W, D]`` (one row per word; a class learned with n vectors has n words)."""
     from safetensors.torch import load_file
 
     folder = Path(folder).expanduser()
@@ -190,7 +206,7 @@ def load_learned_embeddings(folder: str | Path, num_classes: int, key: str = "au
     if n != num_classes:
         raise ConfigError(f"{key}: {mpath} holds tokens for {n} classes but the dataset has {num_classes}; "
                           f"fine-tune on this dataset's classes with tools/finetune_sd.py")
-    tokens, rows = [], []
+    phrases, words, rows = [], [], []
     for i in range(num_classes):
         entry = manifest.get("classes", {}).get(str(i))
         if not entry:
@@ -201,25 +217,30 @@ def load_learned_embeddings(folder: str | Path, num_classes: int, key: str = "au
         sd = load_file(str(file))
         if list(sd) != [entry["token"]]:
             raise ConfigError(f"{key}: {file} holds {list(sd)}, expected exactly the token {entry['token']!r}")
-        emb = sd[entry["token"]].float().reshape(-1)
-        tokens.append(entry["token"])
+        emb = sd[entry["token"]].float()
+        emb = emb.reshape(1, -1) if emb.ndim == 1 else emb  # [D] (one vector) or [n, D]
+        phrases.append(token_phrase(entry["token"], len(emb)))
+        words.extend(token_words(entry["token"], len(emb)))
         rows.append(emb)
-    dims = {r.numel() for r in rows}
+    dims = {r.shape[1] for r in rows}
     if len(dims) != 1:
         raise ConfigError(f"{key}: the embeddings in {folder / EMBEDS_DIR} have different widths {sorted(dims)}")
-    return tokens, torch.stack(rows)
+    return phrases, words, torch.cat(rows)
 
 
-def save_learned_embeddings(folder: Path, tokens: list[str], embeds: Tensor) -> dict[str, dict[str, str]]:
-    """One ``{token: [D]}`` safetensors file per class; returns the manifest's ``classes`` entries."""
+def save_learned_embeddings(folder: Path, tokens: list[str], embeds: Tensor) -> dict[str, dict[str, Any]]:
+    """One safetensors file per class, ``{token: [D]}`` (one vector) or ``{token: [n, D]}`` (``embeds`` of shape
+    ``[C, n, D]``, n > 1), the layouts ``load_textual_inversion`` reads; returns the manifest's ``classes``."""
     from safetensors.torch import save_file
 
     (folder / EMBEDS_DIR).mkdir(parents=True, exist_ok=True)
     classes = {}
-    for i, (tok, row) in enumerate(zip(tokens, embeds)):
+    embeds = embeds.reshape(len(tokens), -1, embeds.shape[-1])
+    for i, (tok, rows) in enumerate(zip(tokens, embeds)):
         rel = f"{EMBEDS_DIR}/class_{i:04d}.safetensors"
-        save_file({tok: row.detach().float().cpu().contiguous()}, str(folder / rel))
-        classes[str(i)] = {"token": tok, "file": rel}
+        value = rows[0] if len(rows) == 1 else rows
+        save_file({tok: value.detach().float().cpu().contiguous()}, str(folder / rel))
+        classes[str(i)] = {"token": tok, "file": rel, "vectors": len(rows)}
     return classes
 
 
@@ -319,7 +340,8 @@ def apply_finetuned(components: SDComponents, aug: AugConfig, num_classes: int) 
     """Apply ``aug.textual_inversion`` and ``aug.lora`` to ``components`` in place.
 
     Both folders are checked against the base model before anything is changed. Returns the learned token of each
-    class (for the prompts), or None when ``aug.textual_inversion`` is empty.
+    class as prompts hold it (:func:`token_phrase`: several words for a multi-vector token), or None when
+    ``aug.textual_inversion`` is empty.
     """
     if not aug.textual_inversion and not aug.lora:
         return None
@@ -337,8 +359,8 @@ def apply_finetuned(components: SDComponents, aug: AugConfig, num_classes: int) 
                               f"tools/finetune_sd.py --lora-rank R (or leave it empty)")
     tokens = None
     if ti_manifest is not None:
-        tokens, embeds = load_learned_embeddings(aug.textual_inversion, num_classes, manifest=ti_manifest)
-        add_tokens(components.tokenizer, components.text_encoder, tokens, embeds,
+        tokens, words, embeds = load_learned_embeddings(aug.textual_inversion, num_classes, manifest=ti_manifest)
+        add_tokens(components.tokenizer, components.text_encoder, words, embeds,
                    source=f"aug.textual_inversion={aug.textual_inversion!r}")
         if ti_manifest.get("lora") and not aug.lora:
             warnings.warn(f"the tokens in {aug.textual_inversion} were learned jointly with a LoRA, but aug.lora is "
