@@ -3,6 +3,13 @@
 :class:`Augmenter` is the ``augment(images, labels, step) -> Batch`` callable that the background producer
 (:mod:`online_aug.prefetch`) runs for every micro-batch, and that the synchronous path (``aug.prefetch=false``,
 :mod:`online_aug.sources`) runs inside the training step; both give the same batch for the same (seed, rank, step).
+
+Reuse (``aug.reuse = k``): edit slot ``j`` of micro-step ``i`` is generated when ``(i + j) % k == 0`` and otherwise
+takes the edit generated in slot ``j`` of step ``i - (i + j) % k`` (image, soft label and target as they were made),
+so every edit is used in ``k`` consecutive steps and about ``1/k`` of the edits are generated. The ring holds the
+edits of the last ``k - 1`` steps in memory only; a resumed run rebuilds it by re-running those steps
+(:func:`online_aug.sources.build_batch_source`), so a step's batch stays a function of (seed, rank, step) and the
+real batches before it.
 """
 
 from __future__ import annotations
@@ -56,13 +63,17 @@ class Augmenter:
 
     def __init__(self, policy: AugPolicy, editor, device: torch.device, seed: int, rank: int,
                  class_names: list[str], example_every: int = 0, edit_filter: EditFilter | None = None,
-                 board: SnapshotBoard | None = None, dup_guard: NearDuplicateGuard | None = None):
+                 board: SnapshotBoard | None = None, dup_guard: NearDuplicateGuard | None = None,
+                 reuse: int = 1, safety: Callable[[torch.Tensor], torch.Tensor] | None = None):
         # editor: the frozen SD wrapper (SDEditGenerator) or any object with its edit(images, s, targets, generator)
         self.policy, self.editor, self.device = policy, editor, device
         self.seed, self.rank, self.class_names = seed, rank, class_names
         self.example_every, self.edit_filter = example_every, edit_filter
         self.board, self.dup_guard = board, dup_guard  # closed loop: the trainer's published statistics
         self.num_classes = policy.num_classes
+        self.reuse = int(reuse)  # aug.reuse: steps each edit is used in (1: every edit fresh)
+        self._ring: dict[tuple[int, int], tuple] = {}  # (step made, slot) -> (image, soft label, target, kept)
+        self.safety = safety  # aug.safety_checker: images -> [M] bool flagged; None (off) costs nothing
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int,
                  masks: torch.Tensor | None = None) -> Batch:
@@ -82,44 +93,105 @@ class Augmenter:
             noise_rng.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
             idx = plan.index.to(self.device)
             src = images[idx]
+            fresh = self._fresh_slots(step, m)  # [M] bool: generated now; the other slots reuse the ring's edits
+            fi = fresh.nonzero().flatten()
+            f_dev = fi.to(self.device)
+            f_src, f_strength, f_target = src[f_dev], plan.strength[fi], plan.target[fi]
             # masks only when the loader sends them: an editor without mask support keeps its plain signature
-            kw = {} if masks is None else {"masks": masks[idx]}
-            edited, keep = self.editor.edit(src, plan.strength, plan.target, generator=noise_rng, **kw)
+            kw = {} if masks is None else {"masks": masks[idx][f_dev]}
+            if plan.template is not None:  # prompt diversity: the template each edit drew
+                kw["templates"] = plan.template[fi]
+            edited, keep = self.editor.edit(f_src, f_strength, f_target, generator=noise_rng, **kw)
             nonfinite = (~keep).sum()
+            if self.safety is not None:
+                edited, keep, safety_stats = self._screen(edited, keep, f_src, f_strength, f_target, noise_rng, kw)
+                stats.update(safety_stats)
             filtered = torch.zeros((), dtype=torch.long, device=self.device)
             if self.edit_filter is not None:
-                passed = self.edit_filter(edited, plan.target.to(self.device))
+                passed = self.edit_filter(edited, f_target.to(self.device))
                 filtered = (keep & ~passed).sum()
                 keep = keep & passed
-            # a dropped edit (non-finite or filtered) trains as its real image with its hard label
+            # every slot: the fresh edit, or the ring's (reuse); a dropped edit (non-finite, unsafe or filtered)
+            # trains as its real image with its hard label
+            out, soft, slot_target = src.clone(), targets[idx], plan.target.clone()
+            out[f_dev] = torch.where(keep.view(-1, 1, 1, 1), edited, f_src)
+            ok = torch.zeros(m, dtype=torch.bool, device=self.device)
+            ok[f_dev] = keep
+            if self.reuse > 1:
+                self._reuse(step, fresh, out, soft, slot_target, ok)
             hard = torch.nn.functional.one_hot(plan.source.to(self.device), self.num_classes).float()
             images = images.clone()
-            images[idx] = torch.where(keep.view(-1, 1, 1, 1), edited, src)
-            targets[idx] = torch.where(keep.view(-1, 1), targets[idx], hard)
+            images[idx] = out
+            targets[idx] = torch.where(ok.view(-1, 1), soft, hard)
             # the producer runs off the trainer's path, so reading these counts back here costs the trainer nothing
-            kept = int(keep.sum())
+            kept = int(ok.sum())
             stats = {**stats, "aug/effective_alpha": kept / b, "aug/nonfinite_dropped": float(nonfinite),
-                     "aug/filtered": float(filtered)}
-            keep_cpu = keep.cpu()
-            edit_target[plan.index[keep_cpu]] = plan.target[keep_cpu]
-            if self.dup_guard is not None and kept:
-                dist = self.dup_guard(edited[keep], plan.target.to(self.device)[keep])
+                     "aug/filtered": float(filtered), "aug/fresh_edits": float(len(fi)),
+                     "aug/reused_edits": float(m - len(fi))}
+            ok_cpu = ok.cpu()
+            edit_target[plan.index[ok_cpu]] = slot_target[ok_cpu]
+            if self.dup_guard is not None and bool(keep.any()):
+                dist = self.dup_guard(edited[keep], f_target.to(self.device)[keep])
                 stats["aug/nn_dist"] = float(dist.mean())
                 stats["aug/near_dup"] = float((dist < self.dup_guard.threshold).float().mean())
-            if self.example_every and step % self.example_every == 0:
-                examples = self._examples(src, edited, plan, targets[idx])
+            if self.example_every and step % self.example_every == 0 and len(fi):
+                examples = self._examples(f_src, edited, plan.source[fi], f_target, f_strength, targets[idx][f_dev])
         stats["aug/gen_ms"] = 1000 * (time.perf_counter() - t0)
         return Batch(images=images, targets=targets, labels=labels, step=step, stats=stats, examples=examples,
                      edit_target=edit_target.to(self.device, non_blocking=True))
 
-    def _examples(self, src: torch.Tensor, edited: torch.Tensor, plan, soft: torch.Tensor, k: int = 8) -> dict:
+    def _fresh_slots(self, step: int, m: int) -> torch.Tensor:
+        """[M] bool (CPU): the edit slots generated at ``step``; with reuse k, slot j is fresh when (step + j) % k is
+        0, or when the step it would reuse lies before step 0."""
+        if self.reuse == 1:
+            return torch.ones(m, dtype=torch.bool)
+        lag = (step + torch.arange(m)) % self.reuse
+        return (lag == 0) | (step - lag < 0)
+
+    def _reuse(self, step: int, fresh: torch.Tensor, out: torch.Tensor, soft: torch.Tensor, slot_target: torch.Tensor,
+               ok: torch.Tensor) -> None:
+        """Fill the reused slots from the ring and put this step's new ring edits in (in place); drop the edits
+        whose k uses are over. A slot whose edit the ring lacks (a step trained on a real batch under
+        ``aug.starvation=real``) trains as its real image."""
+        k, m = self.reuse, len(fresh)
+        lag = (step + torch.arange(m)) % k
+        for j in (~fresh).nonzero().flatten().tolist():
+            made = self._ring.get((step - int(lag[j]), j))
+            if made is None:
+                ok[j] = False
+                continue
+            out[j], soft[j], slot_target[j], ok[j] = made
+        for j in (fresh & (lag == 0)).nonzero().flatten().tolist():
+            self._ring[(step, j)] = (out[j].clone(), soft[j].clone(), slot_target[j].clone(), ok[j].clone())
+        for key in [key for key in self._ring if key[0] <= step - k + 1]:
+            del self._ring[key]
+
+    def _screen(self, edited: torch.Tensor, keep: torch.Tensor, src: torch.Tensor, strength: torch.Tensor,
+                target: torch.Tensor, noise_rng: torch.Generator, kw: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """aug.safety_checker: re-sample the flagged edits once (fresh noise from this step's stream); an edit
+        flagged again is dropped (trains as its real image)."""
+        flagged = self.safety(edited) & keep
+        stats = {"aug/unsafe_resampled": float(flagged.sum()), "aug/unsafe_dropped": 0.0}
+        if stats["aug/unsafe_resampled"]:  # host read in the producer thread, only with the checker on
+            fl = flagged.nonzero().flatten()
+            sub = {name: v[fl.to(v.device)] for name, v in kw.items()}
+            redo, finite = self.editor.edit(src[fl], strength[fl.cpu()], target[fl.cpu()], generator=noise_rng,
+                                            **sub)
+            bad = self.safety(redo) | ~finite
+            edited, keep = edited.clone(), keep.clone()
+            edited[fl], keep[fl] = redo, ~bad
+            stats["aug/unsafe_dropped"] = float(bad.sum())
+        return edited, keep, stats
+
+    def _examples(self, src: torch.Tensor, edited: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                  strength: torch.Tensor, soft: torch.Tensor, k: int = 8) -> dict:
         k = min(k, len(src))
         names = self.class_names
         captions = []
         for i in range(k):
-            s, t = int(plan.source[i]), int(plan.target[i])
+            s, t = int(source[i]), int(target[i])
             y = soft[i]
-            captions.append(f"{names[s]}→{names[t]} s={float(plan.strength[i]):.2f} "
+            captions.append(f"{names[s]}→{names[t]} s={float(strength[i]):.2f} "
                             f"y=({float(y[s]):.2f} {names[s]}, {float(y[t]):.2f} {names[t]})")
         return {"source": src[:k].detach().float().cpu(), "edited": edited[:k].detach().float().cpu(),
                 "captions": captions}
@@ -130,8 +202,13 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
     """Policy + frozen SD (+ CLIP filter, near-duplicate guard) for this run; ``board``: the closed loop's snapshots."""
     from .generator import SDEditGenerator, resolve_class_names
 
-    policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts())
     editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
+    policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts(), num_templates=editor.num_templates)
+    safety = None
+    if cfg.aug.safety_checker:  # off by default: nothing is loaded, and the augmenter never calls it
+        from .generator.safety import load_safety_checker
+
+        safety = load_safety_checker(cfg.aug.safety_checker, cfg.aug.model, device, editor.dtype)
     edit_filter = None
     if cfg.aug.filter_fraction > 0:
         from .generator.clip_filter import build_clip_filter
@@ -143,7 +220,7 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
     return Augmenter(policy, editor, device, cfg.run.seed, rank,
                      resolve_class_names(cfg.aug.class_names, splits.class_names),
                      example_every=cfg.aug.image_every * accum, edit_filter=edit_filter, board=board,
-                     dup_guard=dup_guard)
+                     dup_guard=dup_guard, reuse=cfg.aug.reuse, safety=safety)
 
 
 def guard_bank(train, num_classes: int, per_class: int = GUARD_PER_CLASS) -> list[torch.Tensor]:

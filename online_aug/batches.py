@@ -43,8 +43,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
 # aug/* scalars every augmented batch carries (TensorBoard tags; README "TensorBoard tags"). COUNTERS are summed over
 # a log interval (edits dropped), the rest are per-batch means.
 AUG_STATS = ("aug/effective_alpha", "aug/nonfinite_dropped", "aug/filtered", "aug/gen_ms", "aug/stall_ms",
-             "aug/queue_depth", "aug/nn_dist", "aug/near_dup", "aug/producer_fault")
-COUNTERS = frozenset({"aug/nonfinite_dropped", "aug/filtered"})
+             "aug/queue_depth", "aug/nn_dist", "aug/near_dup", "aug/producer_fault", "aug/fresh_edits",
+             "aug/reused_edits", "aug/unsafe_resampled", "aug/unsafe_dropped")
+COUNTERS = frozenset({"aug/nonfinite_dropped", "aug/filtered", "aug/unsafe_resampled", "aug/unsafe_dropped"})
 
 
 def no_edit_stats() -> dict[str, float]:

@@ -378,6 +378,9 @@ class AugConfig:
         _at_least("aug.dup_threshold", self.dup_threshold, 0)
         if self.reuse < 1:
             raise ConfigError(f"aug.reuse must be >= 1 (times each edit is used; 1: all fresh), got {self.reuse}")
+        if self.reuse > 1 and not self.exact_alpha:
+            raise ConfigError("aug.reuse > 1 reuses edits slot by slot, which needs the same number of edits every "
+                              "step: set aug.exact_alpha=true (or aug.reuse=1)")
         if self.reuse > 1 and self.adaptive:
             raise ConfigError("aug.reuse > 1 reuses edits planned from older statistics, which aug.adaptive=true "
                               "steers step by step; set aug.reuse=1 or aug.adaptive=false")

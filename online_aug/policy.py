@@ -29,6 +29,7 @@ class AugPlan:
     source: torch.Tensor  # [M] long, the real class of each edited sample
     target: torch.Tensor  # [M] long, the prompt class of each edited sample
     soft_label: torch.Tensor  # [B, C] float, labels for the whole batch (real rows one-hot)
+    template: torch.Tensor | None = None  # [M] long, prompt template per edit (prompt diversity); None: template 0
 
     @property
     def num_edits(self) -> int:
@@ -129,11 +130,15 @@ def mix_labels(source: torch.Tensor, target: torch.Tensor, strength: torch.Tenso
 class AugPolicy:
     """Plans one batch. Holds only derived constants; all randomness comes from the ``rng`` passed to ``plan``."""
 
-    def __init__(self, cfg: AugConfig, num_classes: int, class_counts: list[int] | None = None):
+    def __init__(self, cfg: AugConfig, num_classes: int, class_counts: list[int] | None = None,
+                 num_templates: int = 1):
+        """``num_templates``: prompt templates per class the generator holds (aug.prompt, aug.prompts,
+        aug.prompt_file); with more than one, each edit draws one uniformly."""
         if num_classes < 2 and cfg.target_mode != "intra":
             raise ConfigError(f"aug.target_mode={cfg.target_mode} needs at least 2 classes")
         self.cfg = cfg
         self.num_classes = num_classes
+        self.num_templates = int(num_templates)
         self.target_p = torch.as_tensor(target_distribution(cfg, class_counts, num_classes), dtype=torch.float64)
         self.strength_set = torch.tensor(cfg.strengths, dtype=torch.float32)
         self.strength_bounds = (tuple(cfg.strength_range) if cfg.strength_range
@@ -171,4 +176,8 @@ class AugPolicy:
         soft = torch.nn.functional.one_hot(labels, self.num_classes).float()
         if m:
             soft[index] = mix_labels(source, target, strength, cfg.gamma, self.num_classes)
-        return AugPlan(index=index, strength=strength.float(), source=source, target=target, soft_label=soft)
+        template = None
+        if self.num_templates > 1:  # drawn last: with one template the rng stream is what it always was
+            template = torch.randint(self.num_templates, (m,), generator=rng)
+        return AugPlan(index=index, strength=strength.float(), source=source, target=target, soft_label=soft,
+                       template=template)

@@ -114,6 +114,18 @@ class CMOSource:
         self.inner.close()
 
 
+def _rebuild_reuse_ring(augment: Callable[..., Batch], cfg: Config, splits, device: torch.device, rank: int,
+                        world: int, micro_bs: int, start: int) -> None:
+    """``aug.reuse = k`` on resume: re-run the ``k - 1`` micro-steps before ``start`` on their own real batches
+    (results discarded), so the reuse ring holds the edits the interrupted run had made; checkpoints hold none."""
+    first = max(0, start - (cfg.aug.reuse - 1))
+    it = iter(real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed, start=first,
+                          num_workers=cfg.data.num_workers, sampler=cfg.data.sampler))
+    for step in range(first, start):
+        x, y, *extra = next(it)
+        augment(x.to(device), y, step, *(e.to(device) for e in extra))
+
+
 def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, world: int, micro_bs: int,
                        start: int, accum: int = 1, board: SnapshotBoard | None = None,
                        on_fault: str = "raise") -> BatchSource:
@@ -126,7 +138,10 @@ def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, wor
     if cfg.aug.alpha <= 0:
         source = RealSource(loader, device, splits.num_classes, start)
     else:
-        augment = inject_into_augment(build_augmenter(cfg, splits, device, rank, accum, board))  # test hook
+        augmenter = build_augmenter(cfg, splits, device, rank, accum, board)
+        if cfg.aug.reuse > 1 and start > 0:
+            _rebuild_reuse_ring(augmenter, cfg, splits, device, rank, world, micro_bs, start)
+        augment = inject_into_augment(augmenter)  # test hook
         if not cfg.aug.prefetch:
             source = SyncAugmentedSource(loader, augment, device, start)
         else:

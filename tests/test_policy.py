@@ -116,3 +116,19 @@ def test_step_rng_is_a_function_of_seed_rank_step():
     assert not torch.equal(a, torch.rand(4, generator=step_rng(3, 0, 7)))
     assert not torch.equal(a, torch.rand(4, generator=step_rng(3, 1, 8)))
     assert not torch.equal(a, torch.rand(4, generator=step_rng(4, 1, 7)))
+
+
+def test_prompt_templates_are_drawn_per_edit_after_everything_else():
+    """Prompt diversity: each edit draws a template with the step RNG; with one template nothing is drawn, and the
+    rest of the plan is the same either way (the draw comes last)."""
+    labels = torch.arange(64) % 10
+    one = _policy(alpha=0.5).plan(labels, step_rng(0, 0, 3))
+    many = AugPolicy(AugConfig(alpha=0.5), 10, None, num_templates=3).plan(labels, step_rng(0, 0, 3))
+    assert one.template is None
+    for field in ("index", "strength", "source", "target", "soft_label"):
+        assert torch.equal(getattr(one, field), getattr(many, field)), field
+    assert many.template.shape == (32,) and set(many.template.tolist()) == {0, 1, 2}
+    again = AugPolicy(AugConfig(alpha=0.5), 10, None, num_templates=3).plan(labels, step_rng(0, 0, 3))
+    assert torch.equal(again.template, many.template)  # a function of (seed, rank, step)
+    other = AugPolicy(AugConfig(alpha=0.5), 10, None, num_templates=3).plan(labels, step_rng(0, 0, 4))
+    assert not torch.equal(other.template, many.template)

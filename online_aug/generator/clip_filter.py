@@ -104,15 +104,7 @@ class CLIPEditFilter:
         return F.normalize(emb, dim=-1)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """[M,3,H,W] in [0,1] -> CLIP pixel values: shortest side to ``size`` (bicubic), centre crop, normalise."""
-        x = images.float().nan_to_num(0.0).clamp(0, 1)
-        h, w = x.shape[-2:]
-        scale = self.size / min(h, w)
-        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h or nw < w)
-        top, left = (nh - self.size) // 2, (nw - self.size) // 2
-        x = x[..., top:top + self.size, left:left + self.size].clamp(0, 1)
-        return ((x - self.mean) / self.std).to(self.dtype)
+        return clip_pixels(images, self.size, self.mean, self.std, self.dtype)
 
     @torch.inference_mode()
     def scores(self, images: Tensor) -> Tensor:
@@ -127,6 +119,19 @@ class CLIPEditFilter:
     def __call__(self, images: Tensor, targets: Tensor) -> Tensor:
         keep = self.quantile(self.scores(images))
         return keep.to(images.device)
+
+
+def clip_pixels(images: Tensor, size: int, mean: Tensor, std: Tensor, dtype: torch.dtype) -> Tensor:
+    """[M,3,H,W] in [0,1] -> CLIP pixel values: shortest side to ``size`` (bicubic), centre crop, normalise
+    (``mean`` / ``std`` as [1,3,1,1] on the images' device)."""
+    x = images.float().nan_to_num(0.0).clamp(0, 1)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h or nw < w)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)
+    return ((x - mean) / std).to(dtype)
 
 
 def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer, tuple[float, ...], tuple[float, ...]]:
