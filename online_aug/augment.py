@@ -202,13 +202,15 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
     """Policy + frozen SD (+ CLIP filter, near-duplicate guard) for this run; ``board``: the closed loop's snapshots."""
     from .generator import SDEditGenerator, resolve_class_names
 
-    editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
-    policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts(), num_templates=editor.num_templates)
     safety = None
     if cfg.aug.safety_checker:  # off by default: nothing is loaded, and the augmenter never calls it
+        from .devices import resolve_dtype
         from .generator.safety import load_safety_checker
 
-        safety = load_safety_checker(cfg.aug.safety_checker, cfg.aug.model, device, editor.dtype)
+        dtype = resolve_dtype(cfg.aug.dtype, device)
+        safety = load_safety_checker(cfg.aug.safety_checker, cfg.aug.model, device, dtype)  # before the SD: fails fast
+    editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
+    policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts(), num_templates=editor.num_templates)
     edit_filter = None
     if cfg.aug.filter_fraction > 0:
         from .generator.clip_filter import build_clip_filter

@@ -16,7 +16,7 @@ def test_bench_counts_unet_evaluations_and_times_every_variant(tmp_path: Path) -
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["HF_HUB_OFFLINE"] = "1"
     cmd = [sys.executable, "tools/bench.py", "--batch", "4", "--repeats", "1", "--steps", "1", "--rounds", "1",
-           "--out", str(out), "train.batch_size=8", "aug.queue_depth=1", f"run.out_dir={tmp_path / 'runs'}"]
+           "--reuse", "3", "--out", str(out), "train.batch_size=8", "aug.queue_depth=1", f"run.out_dir={tmp_path / 'runs'}"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -31,4 +31,8 @@ def test_bench_counts_unet_evaluations_and_times_every_variant(tmp_path: Path) -
         assert tr[k]["images_per_s"] > 0 and len(tr[k]["rounds_images_per_s"]) == 1
         assert 0.0 <= tr[k]["stall_fraction"]
     assert tr["plain"]["stall_fraction"] == 0.0  # nothing to wait for without augmentation
+    # generator demand: none without augmentation; aug.reuse=3 generates about a third of the edits
+    assert tr["plain"]["generated_per_step"] == 0.0 and tr["online_prefetch"]["generated_per_step"] > 0
+    assert tr["online_prefetch_reuse3"]["generated_per_step"] < tr["online_prefetch"]["generated_per_step"]
+    assert tr["ratio_reuse_generated"] < 1 and "aug.reuse=3" in r.stdout
     assert "(b) training throughput" in r.stdout and "prefetch vs sync" in r.stdout

@@ -67,11 +67,12 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
                                {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
                                 "aug.prompt": "a photo of a {token}",
                                 "aug.textual_inversion": "models/ti-digits-pool-leakage-free"}),
-    "real-gen": ("Diff-Mix §3.4, §4.3: from scratch (s=1), long-tail targets, replacement 0.5",
-                 {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.target_mode": "uniformize",
-                  "aug.prompt": CLASS_PROMPT}),
+    "real-gen": ("Diff-Mix §3.4, §4.3: from scratch (s=1, from Gaussian noise), long-tail targets, replacement 0.5",
+                 {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.gen_from_noise": True,
+                  "aug.target_mode": "uniformize", "aug.prompt": CLASS_PROMPT}),
     "diff-gen": ("Diff-Mix §3.4: Diff-Gen = Real-Gen with the fine-tuned SD",
-                 {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.target_mode": "uniformize", **FINETUNED}),
+                 {"aug.alpha": 0.5, "aug.strengths": [1.0], "aug.gen_from_noise": True,
+                  "aug.target_mode": "uniformize", **FINETUNED}),
     "diff-aug": ("Diff-Mix §3.4, §4.2: intra with the fine-tuned SD, s ~ U{.5,.7,.9}",
                  {"aug.alpha": 0.5, "aug.strengths": DIFF_MIX_S, "aug.target_mode": "intra", **FINETUNED}),
     "diff-mix": ("Diff-Mix §3.4, §4.2, Table 6: inter, s ~ U{.5,.7,.9}, gamma 0.5",
@@ -143,13 +144,24 @@ def test_real_variants_validate_and_keep_the_method_values(path):
     preset = next(n for n in sorted(PAPER, key=len, reverse=True) if path.stem.startswith(n + "-"))
     digits = load_config(CONFIGS / f"{preset}.yaml")
     for key in ("aug.method", "aug.alpha", "aug.strengths", "aug.target_mode", "aug.gamma", "aug.latent_noise",
-                "aug.mask_mode",
+                "aug.gen_from_noise", "aug.mask_mode",
                 "train.mixup_alpha", "train.cutmix_alpha", "train.label_smoothing", "train.drw_start"):
         assert _get(cfg, key) == _get(digits, key), f"{path.name}: {key} differs from configs/{preset}.yaml"
     if cfg.aug.alpha > 0:
         assert cfg.aug.model != "models/tiny-sd-digits"
         if "leakage-free" in path.stem:  # leakage-free stays class-agnostic
             assert "{name}" not in cfg.aug.prompt and "{name}" not in digits.aug.prompt
+
+
+DIFF_MIX_FAMILY = ["real-gen", "diff-gen", "diff-aug", "diff-mix", "diff-mix-cutmix", "diff-mix-uniformize", "real-mix"]
+
+
+@pytest.mark.parametrize("name", DIFF_MIX_FAMILY)
+def test_diff_mix_real_variants_use_its_sampler(name):
+    """Diff-Mix Table 7: DPM-Solver++ with T = 25 inference steps (img2img semantics: the grid)."""
+    cfg = load_config(CONFIGS / "real" / f"{name}-cifar10lt-sd15.yaml")
+    assert (cfg.aug.scheduler, cfg.aug.solver_order, cfg.aug.schedule, cfg.aug.grid_steps) == (
+        "dpmsolver++", 2, "grid", 25)
 
 
 def test_every_preset_has_a_real_variant():

@@ -6,9 +6,10 @@
      with the stock pipeline. Same model, same batch, same guidance.
 (a') The same comparison with our loop in grid mode at equal steps (what the loop itself costs).
 (b)  Training images/s: plain training, online augmentation through the prefetch queue, and online augmentation
-     done synchronously inside the step; their ratios, and the trainer's stall fraction.
+     done synchronously inside the step; their ratios, and the trainer's stall fraction. With --reuse K also the
+     prefetch queue with aug.reuse=K; every variant reports its generator demand (edits generated per micro-step).
 
-    python tools/bench.py [--batch 32] [--steps 30] [--rounds 2] [--out bench.json] [aug.model=... other overrides]
+    python tools/bench.py [--batch 32] [--steps 30] [--rounds 2] [--reuse K] [--out bench.json] [overrides]
 """
 
 from __future__ import annotations
@@ -127,12 +128,13 @@ def _time_training(config: str, overrides: list[str], name: str, extra: list[str
         for _ in range(5):  # warm-up (and lets the queue fill, as it would in a long run)
             tr.train_step(next(tr.source))
         _sync(device)
-        stall = 0.0
+        stall = fresh = 0.0
         t0 = time.perf_counter()
         n = 0
         for _ in range(steps * tr.accum):
             b = next(tr.source)
             stall += b.stats.get("aug/stall_ms", 0.0)
+            fresh += b.stats.get("aug/fresh_edits", 0.0)
             tr.train_step(b)
             n += len(b.labels)
         _sync(device)
@@ -140,10 +142,12 @@ def _time_training(config: str, overrides: list[str], name: str, extra: list[str
     finally:
         tr.source.close()
         tr.monitor.close()
-    return {"images_per_s": n / dt, "stall_fraction": stall / 1000 / dt}
+    return {"images_per_s": n / dt, "stall_fraction": stall / 1000 / dt,
+            "generated_per_step": fresh / (steps * tr.accum)}
 
 
-def bench_training(config: str, overrides: list[str], steps: int, device: torch.device, rounds: int = 2) -> dict:
+def bench_training(config: str, overrides: list[str], steps: int, device: torch.device, rounds: int = 2,
+                   reuse: int = 1) -> dict:
     """Each variant ``rounds`` times, interleaved (plain, prefetch, sync, plain, ...), best round kept.
 
     Interleaving and keeping the best (timeit's rule) stop a one-off disturbance, or whatever ran just before the
@@ -154,6 +158,8 @@ def bench_training(config: str, overrides: list[str], steps: int, device: torch.
         "online_prefetch": ["aug.prefetch=true"],
         "online_sync": ["aug.prefetch=false"],
     }
+    if reuse > 1:  # aug.reuse: each edit used in `reuse` steps, about 1/reuse of the generator work
+        variants[f"online_prefetch_reuse{reuse}"] = ["aug.prefetch=true", f"aug.reuse={reuse}"]
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, extra in variants.items():
@@ -164,6 +170,9 @@ def bench_training(config: str, overrides: list[str], steps: int, device: torch.
         out[name] = {**best, "rounds_images_per_s": [round(r["images_per_s"], 2) for r in rs]}
     out["ratio_prefetch_vs_sync"] = out["online_prefetch"]["images_per_s"] / out["online_sync"]["images_per_s"]
     out["ratio_prefetch_vs_plain"] = out["online_prefetch"]["images_per_s"] / out["plain"]["images_per_s"]
+    if reuse > 1:
+        r = out[f"online_prefetch_reuse{reuse}"]
+        out["ratio_reuse_generated"] = r["generated_per_step"] / max(out["online_prefetch"]["generated_per_step"], 1e-9)
     return out
 
 
@@ -174,6 +183,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=30, help="timed training steps per variant")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the training variants (best kept)")
+    p.add_argument("--reuse", type=int, default=1, help="also time the prefetch queue with aug.reuse=K (K > 1)")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--out", default="", help="also write the results as JSON here")
@@ -198,14 +208,18 @@ def main() -> None:
         print(f"(a') grid (equal steps) vs diffusers: {r['unet_evals']:.2f}x UNet evals, "
               f"{r['images_per_s']:.2f}x images/s")
     if not a.skip_training:
-        tr = bench_training(a.config, a.overrides, a.steps, device, a.rounds)
+        tr = bench_training(a.config, a.overrides, a.steps, device, a.rounds, a.reuse)
         results["training"] = tr
         print(f"\n(b) training throughput (best of {a.rounds} interleaved rounds of {a.steps} steps)")
-        for k in ("plain", "online_prefetch", "online_sync"):
-            print(f"{k:20}{tr[k]['images_per_s']:>10.1f} images/s   stall {100 * tr[k]['stall_fraction']:5.1f}%   "
-                  f"rounds {tr[k]['rounds_images_per_s']}")
+        names = ["plain", "online_prefetch", "online_sync"]
+        names += [f"online_prefetch_reuse{a.reuse}"] if a.reuse > 1 else []
+        for k in names:
+            print(f"{k:24}{tr[k]['images_per_s']:>10.1f} images/s   stall {100 * tr[k]['stall_fraction']:5.1f}%   "
+                  f"generated/step {tr[k]['generated_per_step']:5.1f}   rounds {tr[k]['rounds_images_per_s']}")
         print(f"prefetch vs sync: {tr['ratio_prefetch_vs_sync']:.2f}x   prefetch vs plain: "
               f"{tr['ratio_prefetch_vs_plain']:.2f}x")
+        if a.reuse > 1:
+            print(f"aug.reuse={a.reuse}: {tr['ratio_reuse_generated']:.2f}x the generator demand of reuse 1")
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2))
 
