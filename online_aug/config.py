@@ -332,6 +332,8 @@ class AugConfig:
     filter_metaclass: str = doc("digit", "Metaclass used in the filter prompts.")
     textual_inversion: str = doc("", "Folder written by tools/finetune_sd.py with learned class tokens.")
     lora: str = doc("", "Folder with a UNet LoRA written by tools/finetune_sd.py.")
+    finetune_command: str = doc("", "The tools/finetune_sd.py command whose --out is aug.textual_inversion / aug.lora; "
+                                    "printed when that folder is missing.")
     adaptive: bool = doc(False, "Closed loop: the classifier's live per-class statistics steer targets, source->target "
                                 "pairs and strengths (README 'Closed loop').")
     adaptive_every: int = doc(10, "Optimizer steps between statistics snapshots (also the all-reduce interval).")
@@ -398,6 +400,8 @@ class AugConfig:
         if self.prompt_file and not Path(self.prompt_file).is_file():
             raise ConfigError(f"aug.prompt_file={self.prompt_file!r} is not a file; give a text file with one prompt "
                               f"template per line, or leave it empty")
+        if self.finetune_command:
+            _check_finetune_command(self.finetune_command, [self.textual_inversion, self.lora])
         _at_least("aug.mask_dilate", self.mask_dilate, 0)
         _in_range("aug.mask_threshold", self.mask_threshold, 0, 1, hi_open=True)
         if self.mask_mode != "off" and not self.mask_source.strip():
@@ -596,6 +600,25 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------- validation
+
+
+def _check_finetune_command(command: str, folders: list[str]) -> None:
+    """aug.finetune_command must be a tools/finetune_sd.py command whose --out is the folder the keys name."""
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError as e:
+        raise ConfigError(f"aug.finetune_command cannot be parsed as a shell command ({e}); quote it properly") from e
+    outs = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--out"]
+    outs += [w.split("=", 1)[1] for w in words if w.startswith("--out=")]
+    named = [f for f in folders if f]
+    if "tools/finetune_sd.py" not in command or len(outs) != 1:
+        raise ConfigError(f"aug.finetune_command={command!r} must run tools/finetune_sd.py with one --out FOLDER "
+                          f"(the folder aug.textual_inversion / aug.lora name)")
+    if not named or any(Path(f) != Path(outs[0]) for f in named):
+        raise ConfigError(f"aug.finetune_command writes --out {outs[0]!r} but aug.textual_inversion / aug.lora name "
+                          f"{named or 'no folder'}; point them at {outs[0]!r} (or leave aug.finetune_command empty)")
 
 
 def validate(cfg: Config, *, cuda_available: bool | None = None, world_size: int = 1) -> None:

@@ -189,3 +189,52 @@ def test_train_py_missing_model_folder_exits_2_before_any_model(tmp_path: Path, 
     assert len(errors) == 1 and errors[0].startswith("config error: aug.model='models/nope-missing': no such folder")
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # the run directory (and its checkpoints) come after the preflight
+
+
+# ---------------------------------------------------------------- aug.finetune_command (issue 11, item 2)
+
+FINETUNED_PRESETS = sorted(p for p in (REPO / "configs" / "real").glob("*.yaml")
+                           if p.stem.startswith(("diff-", "da-fusion")))
+
+
+@pytest.mark.parametrize("path", FINETUNED_PRESETS, ids=lambda p: p.stem)
+def test_real_finetuned_presets_print_their_command_when_the_folder_is_missing(
+        path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every real Diff-* / DA-Fusion preset names its fine-tuned folder and the command that makes it: the header
+    and aug.finetune_command agree, and the missing folder's error is that command, on one line."""
+    from online_aug.config import load_config
+
+    cfg = load_config(path)
+    aug = cfg.aug
+    assert aug.textual_inversion and aug.finetune_command, path.name
+    assert f"--out {aug.textual_inversion}" in aug.finetune_command
+    assert "--config configs/real/" in aug.finetune_command
+    assert ("--recipe diff-mix" if path.stem.startswith("diff-") else "--recipe da-fusion") in aug.finetune_command
+    assert aug.lora == (aug.textual_inversion if path.stem.startswith("diff-") else "")
+    assert aug.finetune_command in path.read_text().split("\nrun:")[0]  # the header shows the same command
+    monkeypatch.chdir(tmp_path)  # no models/ here: the folder is missing
+    with pytest.raises(ConfigError) as e:
+        check_generator_inputs(aug, 10)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"aug.textual_inversion={aug.textual_inversion!r}: no such folder")
+    assert msg.endswith(aug.finetune_command)
+    # the command's --config is itself a preset with the same data split, so its folder fits this preset
+    src = load_config(REPO / aug.finetune_command.split("--config ")[1].split()[0])
+    assert src.data == cfg.data and src.aug.model == aug.model
+
+
+def test_finetune_command_must_write_the_named_folder(tmp_path: Path) -> None:
+    from online_aug.config import load_config
+
+    cmd = "python tools/finetune_sd.py --recipe diff-mix --out models/a"
+    load_config(None, [f"aug.finetune_command={cmd}", "aug.textual_inversion=models/a", "aug.lora=models/a"])
+    with pytest.raises(ConfigError, match=r"writes --out 'models/a' but aug.textual_inversion / aug.lora name"):
+        load_config(None, [f"aug.finetune_command={cmd}", "aug.textual_inversion=models/b"])
+    with pytest.raises(ConfigError, match=r"must run tools/finetune_sd.py with one --out"):
+        load_config(None, ["aug.finetune_command=python train.py", "aug.textual_inversion=models/a"])
+    # an unfinished run (folder without manifest) also prints the command, to be resumed
+    (tmp_path / "a").mkdir()
+    folder = str(tmp_path / "a")
+    aug = AugConfig(alpha=0.5, textual_inversion=folder, finetune_command=cmd.replace("models/a", folder))
+    with pytest.raises(ConfigError, match=r"manifest.json is missing; finish the fine-tuning \(add --resume"):
+        check_generator_inputs(aug, 3)

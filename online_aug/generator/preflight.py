@@ -30,7 +30,8 @@ def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
 
     Checks ``aug.class_names`` against ``num_classes``; a local ``aug.model`` folder (its subfolders, and
     ``aug.resolution`` against its UNet and VAE configs); the ``aug.textual_inversion`` and ``aug.lora`` folders
-    written by tools/finetune_sd.py; and ``aug.taesd`` / ``aug.filter_model`` (with ``aug.filter_fraction`` > 0)
+    written by tools/finetune_sd.py (a missing one prints ``aug.finetune_command``, the command that makes it); and
+    ``aug.taesd`` / ``aug.filter_model`` (with ``aug.filter_fraction`` > 0)
     when they name a local folder. A hub id is left to the loader.
     """
     if aug.alpha <= 0:
@@ -42,9 +43,9 @@ def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
     if model_dir is not None:
         _check_resolution(aug, _check_sd_folder(aug.model, model_dir))
     if aug.textual_inversion:
-        _check_textual_inversion(aug.textual_inversion, num_classes)
+        _check_textual_inversion(aug.textual_inversion, num_classes, aug.finetune_command)
     if aug.lora:
-        _check_lora(aug.lora)
+        _check_lora(aug.lora, aug.finetune_command)
     if aug.taesd:
         _check_model_folder("aug.taesd", aug.taesd, "an AutoencoderTiny folder or hub id (e.g. madebyollin/taesd), "
                                                     "or leave it empty to use the SD VAE")
@@ -117,27 +118,30 @@ def _check_resolution(aug: AugConfig, configs: tuple[dict[str, Any], dict[str, A
                           f"{aug.model!r} (VAE scale {scale} x 2^(UNet down blocks - 1)); 0 uses the native {native}")
 
 
-def _finetuned_folder(key: str, name: str) -> Path:
+def _finetuned_folder(key: str, name: str, command: str = "") -> Path:
     folder = Path(name).expanduser()
     if not folder.is_dir():
+        if command:  # the preset says how the folder is made (aug.finetune_command)
+            raise ConfigError(f"{key}={name!r}: no such folder; fine-tune the generator first: {command}")
         raise ConfigError(f"{key}={name!r}: no such folder; point it at a folder written by tools/finetune_sd.py "
                           f"(or leave it empty)")
     return folder
 
 
-def _read_manifest(key: str, name: str, folder: Path) -> dict[str, Any]:
+def _read_manifest(key: str, name: str, folder: Path, command: str = "") -> dict[str, Any]:
     """The same checks as generator.finetuned.read_manifest, without importing torch and diffusers."""
-    fix = "re-run tools/finetune_sd.py with this --out (or point the key at a finished run)"
+    fix = (f"finish the fine-tuning (add --resume to continue it): {command}" if command else
+           "re-run tools/finetune_sd.py with this --out (or point the key at a finished run)")
     data = _read_json(folder / MANIFEST, key, name, fix)
     if data.get("format") != MANIFEST_FORMAT:
         raise ConfigError(f"{key}={name!r}: {folder / MANIFEST} is not a {MANIFEST_FORMAT} manifest; {fix}")
     return data
 
 
-def _check_textual_inversion(name: str, num_classes: int) -> None:
+def _check_textual_inversion(name: str, num_classes: int, command: str = "") -> None:
     key = "aug.textual_inversion"
-    folder = _finetuned_folder(key, name)
-    manifest = _read_manifest(key, name, folder)
+    folder = _finetuned_folder(key, name, command)
+    manifest = _read_manifest(key, name, folder, command)
     n = manifest.get("num_classes")
     if n != num_classes:
         raise ConfigError(f"{key}={name!r}: {folder / MANIFEST} holds tokens for {n} classes but the dataset has "
@@ -153,12 +157,12 @@ def _check_textual_inversion(name: str, num_classes: int) -> None:
                               f"re-run tools/finetune_sd.py")
 
 
-def _check_lora(name: str) -> None:
+def _check_lora(name: str, command: str = "") -> None:
     """A folder with the LoRA weights; its manifest is optional (a plain diffusers LoRA folder has none)."""
     key = "aug.lora"
-    folder = _finetuned_folder(key, name)
+    folder = _finetuned_folder(key, name, command)
     if (folder / MANIFEST).is_file():
-        _read_manifest(key, name, folder)
+        _read_manifest(key, name, folder, command)
     if not (folder / LORA_FILE).is_file():
         raise ConfigError(f"{key}={name!r}: {folder / LORA_FILE} is missing; run tools/finetune_sd.py --lora-rank R "
                           f"with this --out, or leave {key} empty")
