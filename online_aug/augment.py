@@ -14,6 +14,7 @@ real batches before it.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ from .policy import AugPolicy
 from .rng import step_rng
 
 # (edited images [M,3,H,W], target classes [M]) -> keep mask [M] bool (True keeps the edit)
+NONFINITE_WINDOW, NONFINITE_WARN = 64, 0.05  # edits per window; share of non-finite edits that is worth a warning
 GUARD_PER_CLASS = 16  # images per class in the near-duplicate bank: enough to flag copies, cheap to load
 
 EditFilter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,6 +76,8 @@ class Augmenter:
         self.reuse = int(reuse)  # aug.reuse: steps each edit is used in (1: every edit fresh)
         self._ring: dict[tuple[int, int], tuple] = {}  # (step made, slot) -> (image, soft label, target, kept)
         self.safety = safety  # aug.safety_checker: images -> [M] bool flagged; None (off) costs nothing
+        self._nonfinite = [0, 0]  # (non-finite edits, edits) in the current window of NONFINITE_WINDOW edits
+        self.nonfinite_warned = False
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int,
                  masks: torch.Tensor | None = None) -> Batch:
@@ -128,6 +132,7 @@ class Augmenter:
             stats = {**stats, "aug/effective_alpha": kept / b, "aug/nonfinite_dropped": float(nonfinite),
                      "aug/filtered": float(filtered), "aug/fresh_edits": float(len(fi)),
                      "aug/reused_edits": float(m - len(fi))}
+            self._watch_nonfinite(int(stats["aug/nonfinite_dropped"]), len(fi))
             ok_cpu = ok.cpu()
             edit_target[plan.index[ok_cpu]] = slot_target[ok_cpu]
             if self.dup_guard is not None and bool(keep.any()):
@@ -139,6 +144,21 @@ class Augmenter:
         stats["aug/gen_ms"] = 1000 * (time.perf_counter() - t0)
         return Batch(images=images, targets=targets, labels=labels, step=step, stats=stats, examples=examples,
                      edit_target=edit_target.to(self.device, non_blocking=True))
+
+    def _watch_nonfinite(self, bad: int, m: int) -> None:
+        """An fp16 VAE or UNet that overflows makes edits non-finite; each silently trains as its real image, so a
+        share above NONFINITE_WARN of a window of edits is said on stderr (once a run), not only in TensorBoard."""
+        w = self._nonfinite
+        w[0], w[1] = w[0] + bad, w[1] + m
+        if w[1] < NONFINITE_WINDOW:
+            return
+        if w[0] > NONFINITE_WARN * w[1] and not self.nonfinite_warned:
+            self.nonfinite_warned = True
+            dtype = getattr(self.editor, "dtype", None)
+            print(f"WARNING: {w[0]} of the last {w[1]} edits ({w[0] / w[1]:.0%}) were not finite and trained as "
+                  f"real images (aug/nonfinite_dropped); the generator overflows in {dtype}: set aug.dtype=bf16 or "
+                  f"fp32", file=sys.stderr, flush=True)
+        w[0] = w[1] = 0
 
     def _fresh_slots(self, step: int, m: int) -> torch.Tensor:
         """[M] bool (CPU): the edit slots generated at ``step``; with reuse k, slot j is fresh when (step + j) % k is

@@ -129,10 +129,14 @@ class StopControl:
 
 
 class DivergenceGuard:
-    """Checks each micro-batch's loss before its backward (one host read of the loss per micro-batch)."""
+    """Checks each micro-batch's loss before its backward (:meth:`check`: one host read of the loss per micro-batch,
+    a device sync on GPU), or, with ``every`` > 1 (``train.guard_every``), on the device only (:meth:`observe`, no
+    sync) with one host read per ``every`` optimizer steps (:meth:`poll`). A bad loss found by ``poll`` has already
+    reached the weights: the caller stops without saving them."""
 
-    def __init__(self, module: torch.nn.Module, max_bad: int, max_loss: float, group: Any):
-        self.max_bad, self.max_loss, self.group = max_bad, max_loss, group
+    def __init__(self, module: torch.nn.Module, max_bad: int, max_loss: float, group: Any, every: int = 1):
+        self.max_bad, self.max_loss, self.group, self.every = max_bad, max_loss, group, every
+        self.pending: torch.Tensor | None = None  # [2] on the device: bad micro-batches since the last poll, last bad
         self.buffers = list(module.buffers())  # BatchNorm statistics: the forward of a bad batch changed them
         self.snapshot = [b.detach().clone() for b in self.buffers]
         self.in_a_row = 0
@@ -158,6 +162,30 @@ class DivergenceGuard:
         self.skipped += 1
         self.last_bad = value
         return True
+
+    @torch.no_grad()
+    def observe(self, loss: torch.Tensor) -> None:
+        """Interval mode: count a bad loss on the device (no host read)."""
+        value = loss.detach().float().reshape(())
+        bad = ~torch.isfinite(value)
+        if self.max_loss > 0:
+            bad = bad | (value > self.max_loss)
+        if self.pending is None:
+            self.pending = torch.zeros(2, device=value.device)
+        self.pending[0] += bad.float()
+        self.pending[1] = torch.where(bad, value, self.pending[1])
+
+    def poll(self) -> bool:
+        """Interval mode: True when any rank saw a bad loss since the last poll (one host read, then reset)."""
+        if self.pending is None:
+            return False
+        n, last = self.pending.tolist()  # the one sync of the interval
+        self.pending.zero_()
+        bad = bool(_all_max(int(n > 0), self.group))
+        if bad:
+            self.in_a_row, self.skipped = self.in_a_row + int(n), self.skipped + int(n)
+            self.last_bad = last if n else math.nan
+        return bad
 
     @torch.no_grad()
     def restore(self) -> None:

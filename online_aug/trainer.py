@@ -102,8 +102,9 @@ class Trainer:
         group = faults.cpu_group(self.world)
         self.signals = faults.StopSignals(cfg.run.stop_signals)
         self.control = faults.StopControl(self.signals, group)
-        self.guard = (faults.DivergenceGuard(self.engine.module, cfg.train.max_bad_steps, cfg.train.max_loss, group)
-                      if cfg.train.max_bad_steps > 0 else None)
+        self.guard = (faults.DivergenceGuard(self.engine.module, cfg.train.max_bad_steps, cfg.train.max_loss, group,
+                                             cfg.train.guard_every) if cfg.train.max_bad_steps > 0 else None)
+        self.weights_suspect = False  # train.guard_every > 1 found a bad loss that already reached the weights
         self.producer_fault = False  # reported once
         self.resumed_log: dict[str, Any] = {}  # the log interval a checkpoint cut (continued bit for bit)
 
@@ -195,9 +196,14 @@ class Trainer:
                         self._select(done)
                     else:
                         metrics = self.evaluate(done, t.eval_split)
+                if self.guard is not None and self.guard.every > 1 and (done % self.guard.every == 0
+                                                                         or done == t.steps):
+                    self._poll_guard(done)
                 # every rank agrees whether to stop here (a signal, a producer fault, divergence): then checkpoint
                 stop = self.control.agree() if done < t.steps else faults.NONE
-                if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stop:
+                if self.weights_suspect:
+                    stop = stop or faults.FAULT
+                elif (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stop:
                     client = {"micro_step": done * self.accum, "last_train": getattr(self, "last_train", {}),
                               "log": {"loss_sum": loss_sum.item(), "loss_n": loss_n, "aug_acc": aug_acc},
                               "skipped_steps": self.guard.skipped if self.guard is not None else 0}
@@ -255,7 +261,9 @@ class Trainer:
             self.guard.before_forward()
         logits = self.engine(x.to(self.dtype))
         loss = soft_cross_entropy(logits, y, self.class_weight(batch.step // self.accum))
-        if self.guard is not None and self.guard.check(loss):  # one host read of the loss; agreed by every rank
+        if self.guard is not None and self.guard.every > 1:
+            self.guard.observe(loss)  # on the device; read every train.guard_every steps (_poll_guard)
+        elif self.guard is not None and self.guard.check(loss):  # one host read of the loss; agreed by every rank
             self._skip(batch, x)
             return None
         if self.loop is not None and (values := self.loop.observe(logits, batch)):
@@ -288,6 +296,21 @@ class Trainer:
                 f"train.max_loss); none of them changed the weights, so the checkpoint holds the last good step's. "
                 f"Lower train.lr, raise train.grad_clip, or check the edits (aug/*) before resuming"))
 
+    def _poll_guard(self, step: int) -> None:
+        """``train.guard_every`` > 1: the interval's one read of the device-side guard. A bad loss there has already
+        been trained on, so the run stops without checkpointing those weights (the last checkpoint is the good one)."""
+        g = self.guard
+        if not g.poll():
+            g.in_a_row = 0
+            return
+        self.weights_suspect = True
+        self.monitor.scalars(step, {"train/skipped_steps": float(g.skipped)})
+        self.control.request(faults.FAULT, (
+            f"divergence guard: {g.in_a_row} micro-batch(es) up to step {step} had a non-finite loss (or one above "
+            f"train.max_loss; last {g.last_bad:.4g}); with train.guard_every={g.every} they reached the weights, so "
+            f"they are not saved. Resume from the last checkpoint with train.guard_every=1 (exact skipping), a lower "
+            f"train.lr or a higher train.grad_clip"))
+
     def _check_producer(self) -> None:
         """A producer fault (hung past aug.timeout_s, or dead) is reported once. The step in flight goes on with real
         batches; aug.on_fault=stop then stops the run after it, aug.on_fault=real keeps training on real batches."""
@@ -309,6 +332,10 @@ class Trainer:
             dist.barrier()  # no rank exits (which makes a launcher kill the others) before all have flushed
         tag = self.run_dir / checkpoint.CKPT / f"step{done:08d}"
         status = faults.EXIT_STOPPED if code == faults.SIGNAL else faults.EXIT_FAULT
+        if self.weights_suspect:
+            raise faults.RunStopped(status, f"{self.control.reason}\nstopped after step {done} of "
+                                            f"{self.cfg.train.steps} without a checkpoint; resume from the last "
+                                            f"one with\n  python train.py --resume {self.run_dir}")
         raise faults.RunStopped(status, f"{self.control.reason}\nstopped after step {done} of "
                                         f"{self.cfg.train.steps}: checkpoint {tag} is complete; resume with\n"
                                         f"  python train.py --resume {self.run_dir}")

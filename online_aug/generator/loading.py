@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from online_aug.config import ConfigError
 from online_aug.devices import looks_like_path
+from online_aug.generator.preflight import check_unet_class
 
 SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -101,8 +102,10 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
             # huggingface_hub reads HF_HUB_OFFLINE at import; asking for the local cache only honours a late setting.
             kw["local_files_only"] = True
 
-    part = "scheduler"
+    part = "unet"
     try:
+        check_unet_class(UNet2DConditionModel.load_config(source, subfolder="unet", **kw), model)  # before weights
+        part = "scheduler"
         scheduler = _load_scheduler(source, kw)
         part = "tokenizer"
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
@@ -110,6 +113,7 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
         part = "vae"
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
+        vae = vae.to(vae_dtype(dtype, bool(getattr(vae.config, "force_upcast", False)), device))
         part = "unet"
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
     except ConfigError:
@@ -137,6 +141,16 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
         scheduler=scheduler,
         taesd=tiny,
     )
+
+
+def vae_dtype(dtype: torch.dtype, force_upcast: bool, device: torch.device) -> torch.dtype:
+    """The VAE's dtype: a VAE whose config says ``force_upcast`` overflows in fp16 (every edit would come out
+    non-finite), so with fp16 it runs in bf16 where the device has it (fp32's range), else in fp32."""
+    if dtype != torch.float16 or not force_upcast:
+        return dtype
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def load_taesd(name: str, device: torch.device, dtype: torch.dtype) -> AutoencoderTiny:

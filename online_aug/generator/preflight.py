@@ -41,7 +41,9 @@ def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
                           f"classes; give one name per class or leave it empty")
     model_dir = _local_folder(aug.model)
     if model_dir is not None:
-        _check_resolution(aug, _check_sd_folder(aug.model, model_dir))
+        configs = _check_sd_folder(aug.model, model_dir)
+        check_unet_class(configs[0], aug.model)
+        _check_resolution(aug, configs)
     if aug.textual_inversion:
         _check_textual_inversion(aug.textual_inversion, num_classes, aug.finetune_command)
     if aug.lora:
@@ -98,6 +100,16 @@ def _check_sd_folder(name: str, folder: Path) -> tuple[dict[str, Any], dict[str,
     fix = "re-save the model with pipeline.save_pretrained or point aug.model at a complete folder"
     return (_read_json(folder / "unet" / "config.json", "aug.model", name, fix),
             _read_json(folder / "vae" / "config.json", "aug.model", name, fix))
+
+
+def check_unet_class(unet: dict[str, Any], model: str) -> None:
+    """An SDXL-class UNet (or Kandinsky-style, with extra conditioning) needs ``added_cond_kwargs`` (pooled text
+    embeddings, size/crop time ids), which the generator does not pass; refuse it before any weight is loaded."""
+    extra = {k: unet.get(k) for k in ("addition_embed_type", "encoder_hid_dim_type") if unet.get(k) is not None}
+    if extra or unet.get("cross_attention_dim") == 2048:
+        what = ", ".join(f"{k}={v!r}" for k, v in extra.items()) or "cross_attention_dim=2048"
+        raise ConfigError(f"aug.model={model!r} is an SDXL-class UNet ({what}): it needs added_cond_kwargs, which "
+                          f"this generator does not pass; use a Stable Diffusion 1.x/2.x model")
 
 
 def _check_resolution(aug: AugConfig, configs: tuple[dict[str, Any], dict[str, Any]]) -> None:

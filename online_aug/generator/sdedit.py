@@ -284,12 +284,12 @@ class SDEditGenerator:
         """Pixels in [-1, 1] -> scaled latents (the VAE posterior mean: SDEdit's noise comes from add_noise only)."""
         if self.taesd is not None:
             return self.taesd.encode(x).latents * self.taesd.config.scaling_factor
-        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor  # force_upcast
 
     def _decode(self, z: Tensor) -> Tensor:
         if self.taesd is not None:
             return self.taesd.decode(z / self.taesd.config.scaling_factor).sample
-        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+        return self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
     # ------------------------------------------------------------------ edit
 
