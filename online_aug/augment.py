@@ -221,6 +221,7 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
                     board: SnapshotBoard | None = None) -> Augmenter:
     """Policy + frozen SD (+ CLIP filter, near-duplicate guard) for this run; ``board``: the closed loop's snapshots."""
     from .generator import SDEditGenerator, resolve_class_names
+    from .generator.graphs import apply_speed_options
 
     safety = None
     if cfg.aug.safety_checker:  # off by default: nothing is loaded, and the augmenter never calls it
@@ -230,6 +231,7 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
         dtype = resolve_dtype(cfg.aug.dtype, device)
         safety = load_safety_checker(cfg.aug.safety_checker, cfg.aug.model, device, dtype)  # before the SD: fails fast
     editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
+    apply_speed_options(editor, cfg.aug)  # aug.cuda_graph / aug.compile / aug.channels_last (CUDA only)
     policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts(), num_templates=editor.num_templates)
     edit_filter = None
     if cfg.aug.filter_fraction > 0:

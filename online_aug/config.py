@@ -327,6 +327,12 @@ class AugConfig:
                 "real batches, aug/producer_fault).")
     image_every: int = doc(50, "Write an aug/examples grid every N steps (0 disables).")
     taesd: str = doc("", "Optional AutoencoderTiny (id or folder) used for encode/decode.")
+    cuda_graph: Literal["auto", "always", "never"] = doc(
+        "auto", "CUDA-graph the few-step UNet loop, captured once per shape in the producer: auto uses it on CUDA when "
+                "the loop is static (fewstep, not lcm, no masks); always also says why when it falls back to eager.")
+    compile: bool = doc(False, "torch.compile the UNet on CUDA (instead of aug.cuda_graph; the first edits compile); "
+                               "eager elsewhere, said in the log.")
+    channels_last: bool = doc(True, "On CUDA, UNet and VAE weights in channels_last (faster fp16/bf16 convolutions).")
     filter_fraction: float = doc(0.0, "CLIP filter: drop this lowest-scoring fraction of edits (0 disables).")
     filter_model: str = doc("openai/clip-vit-base-patch32", "CLIP model used by the filter.")
     filter_metaclass: str = doc("digit", "Metaclass used in the filter prompts.")

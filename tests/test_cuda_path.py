@@ -148,3 +148,30 @@ def test_the_producer_thread_selects_the_device_first(monkeypatch):
     finally:
         pre.close()
     assert calls == [("online-aug-producer", torch.device("cpu"))]
+
+
+def test_speed_keys_validate_and_fall_back_to_eager_on_cpu(tmp_path, capsys):
+    from online_aug.generator import SDEditGenerator, load_sd
+    from online_aug.generator.graphs import apply_speed_options
+
+    with pytest.raises(ConfigError, match="aug.cuda_graph"):
+        load_config(None, ["aug.cuda_graph=maybe"])
+    cfg = load_config(None, ["aug.cuda_graph=always", "aug.compile=true", "aug.channels_last=true"]).aug
+    comps = load_sd(str(save_tiny_sd(tmp_path / "sd")), torch.device("cpu"), torch.float32)
+    gen = SDEditGenerator(comps, [f"digit {i}" for i in range(10)])
+    before = gen.edit(torch.rand(2, 3, 32, 32), torch.tensor([0.5, 0.9]), torch.tensor([1, 2]),
+                      torch.Generator().manual_seed(0))[0]
+    notes = apply_speed_options(gen, cfg)
+    err = capsys.readouterr().err
+    assert "aug.compile: eager UNet (no CUDA device" in err
+    assert gen.graph_loop is None and not isinstance(gen.unet, torch._dynamo.eval_frame.OptimizedModule)
+    cfg.compile = False
+    notes = apply_speed_options(gen, cfg)
+    assert "aug.cuda_graph=always: eager denoising loop (no CUDA device" in capsys.readouterr().err
+    assert any("eager" in n for n in notes)
+    after = gen.edit(torch.rand(2, 3, 32, 32), torch.tensor([0.5, 0.9]), torch.tensor([1, 2]),
+                     torch.Generator().manual_seed(0))[0]
+    assert before.shape == after.shape
+    cfg.cuda_graph = "auto"  # the default says nothing where it cannot apply
+    apply_speed_options(gen, cfg)
+    assert capsys.readouterr().err == ""

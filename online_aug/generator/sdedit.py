@@ -150,6 +150,7 @@ class SDEditGenerator:
             w = torch.tensor([self.guidance_scale - 1.0], device=self.device)
             self.timestep_cond = guidance_scale_embedding(w, self.time_cond_proj_dim).to(self.dtype)
 
+        self.graph_loop = None  # aug.cuda_graph: a generator.graphs.GraphedLoop, set by apply_speed_options
         self.prompt_embeds: Tensor
         self.uncond_embeds: Tensor
         self.set_class_prompts(class_prompts)
@@ -293,6 +294,36 @@ class SDEditGenerator:
 
     # ------------------------------------------------------------------ edit
 
+    def _denoise(self, lat: Tensor, per_sample: Schedule, emb: Tensor, tcond: Tensor | None = None,
+                 extra_in: Tensor | None = None, region_lat: Tensor | None = None, z_ref: Tensor | None = None,
+                 noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """The denoising loop over the schedule's steps (float32 latents in and out); what ``aug.cuda_graph``
+        captures once per shape (generator/graphs.py)."""
+        dev, dt = self.device, self.dtype
+        S = per_sample.t.shape[1]
+        history = self.scheduler.new_history(lat)  # multistep solvers: each sample's own previous prediction
+        for k in range(per_sample.first_step, S):
+            t, t_prev, active = per_sample.t[:, k], per_sample.t_prev[:, k], per_sample.active[:, k]
+            inp = self.scheduler.scale_model_input(lat, t).to(dt)
+            if extra_in is not None:
+                inp = torch.cat([inp, extra_in], 1)
+            t_in = t
+            if self.do_cfg:
+                inp, t_in = torch.cat([inp, inp]), torch.cat([t, t])
+            out = self.unet(inp, t_in, encoder_hidden_states=emb, timestep_cond=tcond, return_dict=False)[0].float()
+            if self.do_cfg:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
+            step_noise = None
+            if self.scheduler.kind == "lcm" and k < S - 1:
+                step_noise = randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
+            new = self.scheduler.step(out, lat, t, t_prev, step_noise, history, active)
+            if region_lat is not None and self.inpaint == "blend":  # the kept region: the reference at t_prev
+                new = region_lat * new + (1 - region_lat) * self.scheduler.add_noise(z_ref, noise, t_prev)
+            # Grid mode: a sample that has not joined yet keeps its noised latent (the mask is a tensor op: no sync).
+            lat = torch.where(active.view(-1, 1, 1, 1), new, lat)
+        return lat
+
     @torch.inference_mode()
     def edit(
         self,
@@ -373,28 +404,10 @@ class SDEditGenerator:
         if self.timestep_cond is not None:
             tcond = self.timestep_cond.expand(emb.shape[0], -1)
 
-        S = per_sample.t.shape[1]
-        history = self.scheduler.new_history(lat)  # multistep solvers: each sample's own previous prediction
-        for k in range(per_sample.first_step, S):
-            t, t_prev, active = per_sample.t[:, k], per_sample.t_prev[:, k], per_sample.active[:, k]
-            inp = self.scheduler.scale_model_input(lat, t).to(dt)
-            if extra_in is not None:
-                inp = torch.cat([inp, extra_in], 1)
-            t_in = t
-            if self.do_cfg:
-                inp, t_in = torch.cat([inp, inp]), torch.cat([t, t])
-            out = self.unet(inp, t_in, encoder_hidden_states=emb, timestep_cond=tcond, return_dict=False)[0].float()
-            if self.do_cfg:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
-            step_noise = None
-            if self.scheduler.kind == "lcm" and k < S - 1:
-                step_noise = randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
-            new = self.scheduler.step(out, lat, t, t_prev, step_noise, history, active)
-            if region_lat is not None and self.inpaint == "blend":  # the kept region: the reference at t_prev
-                new = region_lat * new + (1 - region_lat) * self.scheduler.add_noise(z_ref, noise, t_prev)
-            # Grid mode: a sample that has not joined yet keeps its noised latent (the mask is a tensor op: no sync).
-            lat = torch.where(active.view(-1, 1, 1, 1), new, lat)
+        if self.graph_loop is not None and extra_in is None and region_lat is None:
+            lat = self.graph_loop(lat, per_sample, emb, tcond)  # aug.cuda_graph: one replay per edit
+        else:
+            lat = self._denoise(lat, per_sample, emb, tcond, extra_in, region_lat, z_ref, noise, generator)
 
         img = self._decode(lat.to(dt)).float()
         # NaN/inf guard as a tensor op (no host sync): checked before clamping, which would turn inf into 1.
