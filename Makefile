@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: install
 
 bench: install
 	$(PY) tools/bench.py
+
+# the CUDA path on a GPU, under 10 min on one H100: pytest -m gpu, sync audit, profiler trace, benchmarks ->
+# reports/gpu/gpu_check.{json,md}; without CUDA it says so and exits 0
+gpu-check: install
+	$(PY) tools/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
