@@ -53,3 +53,13 @@ def test_report_table_from_results():
                         "skipped": ["training alpha=0.25: needs ~120 s, 10 s left"]})
     assert "| 256 | K2_graph | 160.0 |" in md and "| 0.1 | online_prefetch | 1900.0 | 2.0 % |" in md
     assert "Skipped: training alpha=0.25" in md
+
+
+def test_failed_checks_are_the_trace_and_audit_rules():
+    tool = _tool()
+    ok = {"audit": {"trace": {"cudaDeviceSynchronize": 0, "interleaved": True},
+                    "sync_audit": {"ours_in_trainer_per_step": 0.1}}}
+    assert tool.failed_checks(ok) == []
+    bad = {"audit": {"trace": {"cudaDeviceSynchronize": 2, "interleaved": False},
+                     "sync_audit": {"ours_in_trainer_per_step": 3.0}}}
+    assert len(tool.failed_checks(bad)) == 3

@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -103,6 +104,7 @@ class SyncRecorder:
     def __init__(self) -> None:
         self.by_thread: Counter = Counter()
         self.by_site: Counter = Counter()
+        self.ours_in_trainer = 0  # from online_aug code in the trainer's (main) thread
         self.lock = threading.Lock()
 
     def showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:
@@ -116,6 +118,8 @@ class SyncRecorder:
         with self.lock:
             self.by_thread[threading.current_thread().name] += 1
             self.by_site[site] += 1
+            if threading.current_thread() is threading.main_thread() and site != "outside online_aug":
+                self.ours_in_trainer += 1
 
     def __enter__(self) -> SyncRecorder:
         self._orig = warnings.showwarning
@@ -145,15 +149,16 @@ def sync_audit_and_trace(out: Path, steps: int = 20, traced: int = 8) -> dict:
             _sync()
         res["sync_audit"] = {"steps": steps, "by_thread": dict(rec.by_thread),
                              "by_site": dict(rec.by_site.most_common(20)),
-                             "trainer_thread_per_step": rec.by_thread.get("MainThread", 0) / steps}
+                             "trainer_thread_per_step": rec.by_thread.get("MainThread", 0) / steps,
+                             "ours_in_trainer_per_step": rec.ours_in_trainer / steps}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(traced * tr.accum):
                 tr.train_step(next(tr.source))
             _sync()
-        trace = out / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        res["trace"] = analyse_trace(json.loads(trace.read_text()))
-        res["trace"]["file"] = str(trace.relative_to(ROOT)) if trace.is_relative_to(ROOT) else str(trace)
+        with tempfile.TemporaryDirectory() as tmp:  # tens of MB: analysed here, not kept in reports/
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            res["trace"] = analyse_trace(json.loads(trace.read_text()))
     finally:
         tr.source.close()
         tr.monitor.close()
@@ -305,6 +310,22 @@ def overlap(train: dict, gen: dict, batch: int = 64) -> dict:
     return out
 
 
+def failed_checks(results: dict) -> list[str]:
+    """What the run asserts (the benchmark targets are reported, never asserted)."""
+    out = []
+    tr = (results.get("audit") or {}).get("trace")
+    if tr is not None:
+        if tr["cudaDeviceSynchronize"]:
+            out.append(f"{tr['cudaDeviceSynchronize']} cudaDeviceSynchronize call(s) during training steps")
+        if not tr["interleaved"]:
+            out.append("the producer's and the trainer's kernels did not interleave")
+    audit = (results.get("audit") or {}).get("sync_audit")
+    if audit is not None and audit["ours_in_trainer_per_step"] > 0.5:  # the log interval's read is 1 per 10 steps
+        out.append(f"{audit['ours_in_trainer_per_step']:.1f} syncs per step from online_aug in the trainer's thread "
+                   f"(see by_site)")
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -354,6 +375,8 @@ def markdown(results: dict) -> str:
                          f"{r['efficiency']} | {100 * r['stall_fraction']:.1f} % | {r['online_vs_plain']} |")
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(results["skipped"])]
+    if results.get("checks_failed"):
+        lines += ["", "Checks failed: " + "; ".join(results["checks_failed"])]
     if results.get("errors"):
         lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in results["errors"].items())]
     return "\n".join(lines) + "\n"
@@ -396,12 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         section("training", 120, lambda: bench_train(out, budget=budget, results=results))
         if results.get("training") and results.get("generator"):
             results["overlap"] = overlap(results["training"], results["generator"])
+    results["checks_failed"] = failed_checks(results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "gpu_check.md").write_text(markdown(results))
     print(markdown(results))
     failed = bool(results["errors"]) or bool((results.get("tests") or {}).get("returncode"))
-    return 1 if failed else 0
+    return 1 if failed or results["checks_failed"] else 0
 
 
 if __name__ == "__main__":
