@@ -110,6 +110,42 @@ def edit_target_rates(
     return out
 
 
+def per_target_rates(
+    components: SDComponents,
+    prompts: list[str],
+    images: Tensor,
+    labels: np.ndarray,
+    *,
+    per_class: int = 50,
+    strength: float = HIGH_S,
+    guidance_scale: float = 4.0,
+    steps: int = 4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    clf: Any = None,
+) -> dict[str, Any]:
+    """For every class c: ``per_class`` few-step edits of images of other classes toward c at ``strength``, and the
+    share the pixel classifier judges as c (a per-target breakdown of :func:`edit_target_rates`: does the model
+    still draw c?). The sources are a function of ``seed`` only, so two models are judged on the same edits; pass
+    ``clf`` (:func:`fit_pixel_classifier` on ``images`` at the model's resolution) to judge them with one classifier."""
+    res = int(components.unet.config.sample_size) * components.vae_scale_factor
+    x = _resize(images.float(), res)
+    y = np.asarray(labels)
+    clf = clf if clf is not None else fit_pixel_classifier(x, y, res)
+    rng = np.random.default_rng(seed)
+    gen = SDEditGenerator(components, prompts, guidance_scale=guidance_scale, steps=steps, scheduler="ddim",
+                          device=device, dtype=components.unet.dtype)
+    rates = {}
+    for c in range(len(prompts)):
+        index = rng.choice(np.flatnonzero(y != c), size=per_class)
+        edited, _ = gen.edit(x[index].to(device), torch.full((per_class,), strength),
+                             torch.full((per_class,), c, dtype=torch.long),
+                             generator=torch.Generator().manual_seed(seed + c))
+        rates[c] = float((clf.predict(pixel_features(edited.cpu(), res)) == c).mean())
+    return {"target_rate": rates, "per_class": per_class, "strength": strength, "guidance_scale": guidance_scale,
+            "steps": steps, "seed": seed}
+
+
 def evaluate_edit_quality(
     model_dir: str | Path,
     images: Tensor,
