@@ -365,7 +365,8 @@ def finetune(cfg: Config, splits: Splits, model: str, out: str | Path, opts: Fin
             grp["lr"] = base_lr * warm
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             with torch.no_grad():  # the VAE is frozen: latents are data here
-                post = comps.vae.encode(x.to(device, weight_dtype, non_blocking=True)).latent_dist
+                # the VAE's own dtype: load_sd keeps a force_upcast VAE out of fp16
+                post = comps.vae.encode(x.to(device, comps.vae.dtype, non_blocking=True)).latent_dist
                 z0 = sample_latents(post.mean.float(), post.std.float(), g) * scaling
             # Encode each class prompt in the batch once, then gather: a batch rarely holds all classes.
             uniq, inv = torch.unique(y, return_inverse=True)

@@ -51,6 +51,8 @@ def bench_generation(model: str, batch: int, device: torch.device, repeats: int,
 
     dtype = resolve_dtype("auto", device)
     comps = load_sd(model, device, dtype)
+    # diffusers' SD 1.x img2img runs the VAE in the UNet's dtype (no force_upcast there); both sides do here
+    comps.vae.to(dtype)
     splits = build_splits(cfg.data)
     names = resolve_class_names(cfg.aug.class_names, splits.class_names)
     prompts = class_prompts(cfg.aug.prompt, names)

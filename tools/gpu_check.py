@@ -37,6 +37,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE, DTYPE = torch.device("cuda"), torch.float16  # module constants so that a CPU smoke run can swap them
+WORK = Path(tempfile.gettempdir()) / "online_aug_gpu_check"  # run folders and the 2 GB SD 1.5 folder: not reports/
 SKIP_MESSAGE = ("gpu-check: no CUDA device is visible (torch {torch}, CUDA build {cuda}); skipped, nothing measured. "
                 "Run `make gpu-check` on a machine with a GPU.")
 
@@ -88,12 +90,12 @@ def run_gpu_tests(out: Path, timeout_s: float) -> dict:
 # ---------------------------------------------------------------- 2./3. sync audit and profiler trace
 
 
-def _demo_trainer(out: Path, steps: int, extra: list[str]):
+def _demo_trainer(steps: int, extra: list[str]):
     from online_aug.config import load_config
     from online_aug.trainer import Trainer
 
     cfg = load_config(ROOT / "configs/demo.yaml", [
-        "run.device=cuda", f"run.out_dir={out / 'runs'}", "run.name=gpu-check", f"train.steps={steps}",
+        f"run.device={DEVICE.type}", f"run.out_dir={WORK / 'runs'}", "run.name=gpu-check", f"train.steps={steps}",
         "aug.alpha=0.25", "aug.image_every=0", "train.log_every=10", "train.guard_every=10", *extra])
     return Trainer(cfg, show_progress=False)
 
@@ -133,11 +135,11 @@ class SyncRecorder:
         warnings.showwarning = self._orig
 
 
-def sync_audit_and_trace(out: Path, steps: int = 20, traced: int = 8) -> dict:
+def sync_audit_and_trace(steps: int = 20, traced: int = 8) -> dict:
     """The sync audit over ``steps`` training steps with the prefetch queue, then a profiler trace of ``traced``."""
     from torch.profiler import ProfilerActivity, profile
 
-    tr = _demo_trainer(out, steps + traced + 5, [])
+    tr = _demo_trainer(steps + traced + 5, [])
     res: dict[str, Any] = {}
     try:
         for _ in range(5):  # warm-up: the queue fills, kernels are selected (outside the audit)
@@ -146,7 +148,7 @@ def sync_audit_and_trace(out: Path, steps: int = 20, traced: int = 8) -> dict:
         with SyncRecorder() as rec:
             for _ in range(steps * tr.accum):
                 tr.train_step(next(tr.source))
-            _sync()
+        _sync()  # outside the audit and the trace: this one is ours
         res["sync_audit"] = {"steps": steps, "by_thread": dict(rec.by_thread),
                              "by_site": dict(rec.by_site.most_common(20)),
                              "trainer_thread_per_step": rec.by_thread.get("MainThread", 0) / steps,
@@ -154,7 +156,7 @@ def sync_audit_and_trace(out: Path, steps: int = 20, traced: int = 8) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(traced * tr.accum):
                 tr.train_step(next(tr.source))
-            _sync()
+        _sync()
         with tempfile.TemporaryDirectory() as tmp:  # tens of MB: analysed here, not kept in reports/
             trace = Path(tmp) / "trace.json"
             prof.export_chrome_trace(str(trace))
@@ -225,7 +227,7 @@ def _bench_size(px: int, ks, batch: int, repeats: int, budget: Budget | None, re
     from online_aug.generator.loading import SDComponents
     from online_aug.sd15 import sd15_components
 
-    dev, dt = torch.device("cuda"), torch.float16
+    dev, dt = DEVICE, DTYPE
     out: dict[str, Any] = {}
     c = sd15_components(px)
     for k in ("unet", "vae", "text_encoder"):
@@ -269,27 +271,28 @@ def _bench_size(px: int, ks, batch: int, repeats: int, budget: Budget | None, re
     return out
 
 
-def bench_train(out: Path, alphas=(0.1, 0.25), steps: int = 20, budget: Budget | None = None,
-                results: dict | None = None) -> dict:
+def bench_train(alphas=(0.1, 0.25), steps: int = 20, budget: Budget | None = None,
+                results: dict | None = None, sample_size: int = 256, extra: tuple[str, ...] = ()) -> dict:
     """ResNet-50 at 224 px: plain vs online (prefetch, sync) with the 256 px K = 2 SD-1.5-architecture generator."""
     from bench import bench_training
 
     from online_aug.sd15 import save_sd15
 
-    folder = out / "sd15-256"
+    folder = WORK / f"sd15-{sample_size}"
     if not (folder / "unet").is_dir():
-        save_sd15(folder, sample_size=256)
+        save_sd15(folder, sample_size=sample_size)
     res: dict[str, Any] = {}
     results = results if results is not None else {}
     for a in alphas:
         if budget is not None and not budget.fits(120, f"training alpha={a}", results):
             continue
-        overrides = ["run.device=cuda", "model.name=resnet50", "data.image_size=224", "train.batch_size=64",
+        overrides = [f"run.device={DEVICE.type}", "model.name=resnet50", "data.image_size=224", "train.batch_size=64",
                      "train.precision=bf16", "train.guard_every=10", "train.log_every=10", f"aug.alpha={a}",
-                     f"aug.model={folder}", "aug.resolution=256", "aug.steps=2", "aug.dtype=fp16",
+                     f"aug.model={folder}", f"aug.resolution={sample_size}", "aug.steps=2",
+                     f"aug.dtype={'fp16' if DTYPE == torch.float16 else 'fp32'}",
                      "aug.textual_inversion=", "aug.lora=", "aug.filter_fraction=0", "aug.queue_depth=2",
-                     f"run.out_dir={out / 'runs'}"]
-        res[f"alpha_{a}"] = bench_training(str(ROOT / "configs/demo.yaml"), overrides, steps, torch.device("cuda"),
+                     f"run.out_dir={WORK / 'runs'}"]
+        res[f"alpha_{a}"] = bench_training(str(ROOT / "configs/demo.yaml"), [*overrides, *extra], steps, DEVICE,
                                            rounds=1)
     return res
 
@@ -413,10 +416,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not a.skip_tests:
         section("tests", 200, lambda: run_gpu_tests(out, min(240, budget.left() - 200)))
-    section("audit", 60, lambda: sync_audit_and_trace(out))
+    section("audit", 60, sync_audit_and_trace)
     if not a.skip_bench:
         section("generator", 90, lambda: bench_generator(budget=budget, results=results))
-        section("training", 120, lambda: bench_train(out, budget=budget, results=results))
+        section("training", 120, lambda: bench_train(budget=budget, results=results))
         if results.get("training") and results.get("generator"):
             results["overlap"] = overlap(results["training"], results["generator"])
     results["checks_failed"] = failed_checks(results)

@@ -112,8 +112,8 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
         part = "text_encoder"
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
         part = "vae"
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
-        vae = vae.to(vae_dtype(dtype, bool(getattr(vae.config, "force_upcast", False)), device))
+        upcast = bool(AutoencoderKL.load_config(source, subfolder="vae", **kw).get("force_upcast", True))  # its default
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype(dtype, upcast, device), **kw)
         part = "unet"
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
     except ConfigError:
