@@ -175,3 +175,20 @@ def test_speed_keys_validate_and_fall_back_to_eager_on_cpu(tmp_path, capsys):
     cfg.cuda_graph = "auto"  # the default says nothing where it cannot apply
     apply_speed_options(gen, cfg)
     assert capsys.readouterr().err == ""
+
+
+def test_interval_guard_stops_without_saving_weights_a_bad_loss_reached(tmp_path):
+    from online_aug import faults
+    from online_aug.trainer import Trainer
+
+    cfg = load_config(None, ["train.steps=4", "train.batch_size=16", "train.guard_every=2", "run.device=cpu",
+                             f"run.out_dir={tmp_path}", "train.eval_every=1000", "train.ckpt_every=2",
+                             "aug.alpha=0", "data.image_size=16", "model.name=test_resnet"])
+    tr = Trainer(cfg, show_progress=False)
+    tr.source = faults._NanSource(tr.source, {2})  # micro-step 2 is step 3: after the step-2 checkpoint
+    with pytest.raises(faults.RunStopped) as info:
+        tr.fit()
+    assert info.value.status == faults.EXIT_FAULT
+    assert "without a checkpoint" in str(info.value) and "train.guard_every=2" in tr.control.reason
+    saved = sorted(p.name for p in (tr.run_dir / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert saved == ["step00000002"]  # the good one; step 4's weights had trained on the NaN batch
