@@ -174,10 +174,10 @@ def test_prefetch_on_fp16_generator_equals_synchronous_path(tmp_path):
     from online_aug.sources import SyncAugmentedSource
 
     dev = torch.device("cuda")
-    gen = _tiny_gen(tmp_path, torch.float16)
 
-    def aug():
+    def aug():  # a generator each: the two paths run at the same time in two threads
         cfg = AugConfig(alpha=0.5, strengths=[0.5, 0.9], target_mode="inter")
+        gen = _tiny_gen(tmp_path, torch.float16)
         return Augmenter(AugPolicy(cfg, 4, [16] * 4), gen, dev, seed=7, rank=0, class_names=list("abcd"))
 
     sync = SyncAugmentedSource(_loader(), aug(), dev, start=0)
