@@ -64,6 +64,10 @@ class EraseOptions:
     sample_guidance: float = 3.0  # CFG of the x_t sampler (ESD: start_guidance 3)
     seed: int = 0
     allow_split: bool = False  # accept a name the tokenizer splits into several pieces
+    # Not in ESD: concepts to keep, each step's x_t also fits eps_θ(x_t, t, keep) to the frozen eps_θ*(x_t, t, keep)
+    # with this weight (the prompts share their template words, so erasing one digit moves the others too).
+    preserve: list[str] = field(default_factory=list)
+    preserve_weight: float = 1.0
 
 
 def check_concepts(tokenizer: Any, concepts: list[str], allow_split: bool = False) -> None:
@@ -128,6 +132,11 @@ def erase(components: SDComponents, opts: EraseOptions, show_progress: bool = Fa
     from tqdm.auto import tqdm
 
     check_concepts(components.tokenizer, opts.concepts, opts.allow_split)
+    if opts.preserve:
+        check_concepts(components.tokenizer, opts.preserve, opts.allow_split)
+        if set(opts.preserve) & set(opts.concepts):
+            raise ConfigError(f"erase_concepts: {sorted(set(opts.preserve) & set(opts.concepts))} are both erased "
+                              f"and preserved; drop them from --preserve")
     unet = components.unet
     device = next(unet.parameters()).device
     frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # θ*
@@ -143,8 +152,10 @@ def erase(components: SDComponents, opts: EraseOptions, show_progress: bool = Fa
             p.requires_grad_(True)
     prompts = [render_prompt(opts.template, c, None) for c in opts.concepts]
     # the prompt cache of the online generator: the same tokenisation and encoder call as the augmentation uses
-    enc = SDEditGenerator(components, prompts, guidance_scale=opts.sample_guidance, device=device)
-    cond_all, uncond = enc.prompt_embeds.float(), enc.uncond_embeds.float()
+    keep = [render_prompt(opts.template, c, None) for c in opts.preserve]
+    enc = SDEditGenerator(components, prompts + keep, guidance_scale=opts.sample_guidance, device=device)
+    cond_all, uncond = enc.prompt_embeds[:len(prompts)].float(), enc.uncond_embeds.float()
+    keep_all = enc.prompt_embeds[len(prompts):].float()
     sampler = DDIMScheduler.from_config(components.scheduler.config)
     sampler.set_timesteps(opts.sample_steps, device=device)
     h = int(unet.config.sample_size)
@@ -166,6 +177,11 @@ def erase(components: SDComponents, opts: EraseOptions, show_progress: bool = Fa
         t = sampler.timesteps[k]
         target = esd_target(frozen, z, t, cond, uncond, opts.eta)
         loss = F.mse_loss(_eps(unet, z, t, cond), target)
+        if len(keep_all):
+            kc = keep_all[torch.randint(len(keep_all), (opts.batch_size,), generator=g).to(device)]
+            with torch.no_grad():
+                kept = _eps(frozen, z, t, kc)
+            loss = loss + opts.preserve_weight * F.mse_loss(_eps(unet, z, t, kc), kept)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()

@@ -99,3 +99,16 @@ def test_erase_model_checks_the_concepts_before_training(tmp_path):
     with pytest.raises(ConfigError, match="not a word of the tokenizer's vocabulary"):
         erase_model(str(base), tmp_path / "out", EraseOptions(concepts=["seven"], steps=1))
     assert not (tmp_path / "out").exists()
+
+
+def test_tool_names_the_bad_concept_and_writes_nothing(tmp_path, capsys):
+    from tools import erase_concepts
+
+    base = save_tiny_sd(tmp_path / "sd")
+    rc = erase_concepts.main(["--model", str(base), "--concepts", "seven", "--out", str(tmp_path / "o"),
+                              "--steps", "1"])
+    assert rc == 2 and "'seven' is not a word of the tokenizer's vocabulary" in capsys.readouterr().err
+    rc = erase_concepts.main(["--model", str(base), "--concepts", "tiger", "--out", str(tmp_path / "o"),
+                              "--allow-split", "--measure", "--config", "configs/demo.yaml"])
+    assert rc == 2 and "not class names of configs/demo.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

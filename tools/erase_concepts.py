@@ -45,7 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-guidance", type=float, default=d.sample_guidance)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--allow-split", action="store_true", help="erase a name the tokenizer splits into pieces")
+    p.add_argument("--preserve", nargs="*", default=[], help="concepts to keep (not in ESD): their predictions on "
+                                                              "each step's x_t are held to the original model's")
+    p.add_argument("--preserve-weight", type=float, default=d.preserve_weight)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on a shared CPU)")
     p.add_argument("--measure", action="store_true", help="judge edits per target class, base vs erased")
     p.add_argument("--config", default="configs/demo.yaml", help="--measure: the data set and class names")
     p.add_argument("--data", default="pool", help="--measure: split part whose images the judge is fit on")
@@ -66,7 +70,9 @@ def format_report(m: dict, record: dict, command: str) -> str:
     lines = [f"# Concept erasure: {', '.join(m['erased_classes'])} ({record['options']['method']})", "",
              f"Command: `{command}`", "",
              f"ESD loss {record['loss_first']:.4f} -> {record['loss_last']:.4f} over {record['options']['steps']} "
-             f"steps ({record['wall_s']} s); judge: {m['judge']}; edits: {m['edits']}.", "",
+             f"steps ({record['wall_s']} s); judge: {m['judge']}; edits: {m['edits']}."
+             + (f" Preserved (not in ESD): {', '.join(record['options']['preserve'])}, weight "
+                f"{record['options']['preserve_weight']}." if record["options"].get("preserve") else ""), "",
              "| target class | base | erased |", "|---|---:|---:|"]
     for name, r in m["per_class"].items():
         mark = " (erased)" if name in m["erased_classes"] else ""
@@ -85,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = EraseOptions(concepts=a.concepts, method=a.method, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                         eta=a.eta, lora_rank=a.lora_rank, template=a.template, sample_steps=a.sample_steps,
-                        sample_guidance=a.sample_guidance, seed=a.seed, allow_split=a.allow_split)
+                        sample_guidance=a.sample_guidance, seed=a.seed, allow_split=a.allow_split,
+                        preserve=a.preserve, preserve_weight=a.preserve_weight)
     torch.manual_seed(a.seed)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     try:
         splits = cfg = None
         if a.measure:  # the data first: a bad --config fails before training
@@ -127,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.report:
         report = Path(a.report)
         report.mkdir(parents=True, exist_ok=True)
-        tag = a.tag or f"{'-'.join(a.concepts)}-{a.method}{'-lora' if a.lora_rank else ''}"
+        tag = a.tag or f"{'-'.join(a.concepts)}-{a.method}{'-lora' if a.lora_rank else ''}" \
+                       f"{'-preserve' if a.preserve else ''}"
         summary = {"command": command, "erase": {k: v for k, v in record.items() if k != "losses"}, "measure": m}
         (report / f"{tag}.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (report / f"{tag}.md").write_text(text)
