@@ -167,3 +167,21 @@ def test_bad_requests_are_one_line_errors(setup, tmp_path: Path, capsys: pytest.
         finetune(cfg, splits, str(sd), tmp_path / "b", _opts(mixed_precision="fp16"))
     with pytest.raises(FinetuneError, match="--resolution 18 must be a multiple of 4"):
         finetune(cfg, splits, str(sd), tmp_path / "c", _opts(resolution=18))
+
+
+def test_sd15_architecture_has_the_published_sizes() -> None:
+    """online_aug.sd15's configs build SD 1.5's parts (counted on the meta device: no memory, no weights): the
+    published parameter counts, CLIP's vocabulary and special-token ids."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from online_aug.sd15 import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, sd15_tokenizer
+
+    with torch.device("meta"):
+        sizes = [sum(p.numel() for p in m.parameters()) for m in (
+            UNet2DConditionModel(sample_size=64, **UNET_CONFIG), AutoencoderKL(sample_size=512, **VAE_CONFIG),
+            CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)))]
+    assert sizes == [859_520_964, 83_653_863, 123_060_480]
+    tok = sd15_tokenizer()
+    assert (len(tok), tok.bos_token_id, tok.eos_token_id, tok.model_max_length) == (49408, 49406, 49407, 77)
+    assert tok("a photo of a <t>").input_ids[0] == 49406
