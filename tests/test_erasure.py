@@ -76,19 +76,20 @@ def test_unknown_concept_is_an_error():
         check_concepts(tok, [])
 
 
-@pytest.mark.parametrize("rank", [0, 2])
-def test_erased_model_loads_as_aug_model_or_aug_lora(tmp_path, rank):
+@pytest.mark.parametrize(("rank", "method"), [(0, "esd-x"), (2, "esd-x"), (2, "esd-u")])
+def test_erased_model_loads_as_aug_model_or_aug_lora(tmp_path, rank, method):
     base = save_tiny_sd(tmp_path / "sd")
     out = tmp_path / "erased"
     opts = EraseOptions(concepts=["seven"], steps=3, batch_size=1, lr=1e-2, sample_steps=2, lora_rank=rank,
-                        allow_split=True)
+                        method=method, allow_split=True)
     erase_model(str(base), out, opts)
     assert json.loads((out / RECORD).read_text())["options"]["concepts"] == ["seven"]
     aug = AugConfig(model=str(out)) if rank == 0 else AugConfig(model=str(base), lora=str(out))
     gen = SDEditGenerator.from_config(aug, ["zero", "seven"], torch.device("cpu"))
     plain = SDEditGenerator.from_config(AugConfig(model=str(base)), ["zero", "seven"], torch.device("cpu"))
     diff = {n for n, p in gen.unet.named_parameters() if not torch.equal(p, plain.unet.get_parameter(n))}
-    assert diff and all(".attn2." in n for n in diff)  # esd-x: only the cross-attention changed
+    layer = ".attn2." if method == "esd-x" else ".attn1."  # esd-x: cross-attention; esd-u's LoRA: self-attention
+    assert diff and all(layer in n for n in diff), sorted(diff)[:4]
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     edited, finite = gen.edit(images, torch.tensor([0.5, 0.9]), torch.tensor([0, 1]))
     assert finite.all() and edited.shape == images.shape
