@@ -24,7 +24,7 @@ import torch
 from .batches import Batch, no_edit_stats
 from .class_stats import SnapshotBoard
 from .config import Config
-from .policy import AugPolicy
+from .policy import AugPolicy, read_label_rates
 from .rng import step_rng
 
 # (edited images [M,3,H,W], target classes [M]) -> keep mask [M] bool (True keeps the edit)
@@ -230,9 +230,12 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
 
         dtype = resolve_dtype(cfg.aug.dtype, device)
         safety = load_safety_checker(cfg.aug.safety_checker, cfg.aug.model, device, dtype)  # before the SD: fails fast
+    # read before the SD loads: a bad file fails in a second, not after the model
+    label_rates = read_label_rates(cfg.aug.label_rates, splits.num_classes) if cfg.aug.label_rates else None
     editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
     apply_speed_options(editor, cfg.aug)  # aug.cuda_graph / aug.compile / aug.channels_last (CUDA only)
-    policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts(), num_templates=editor.num_templates)
+    policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts(), num_templates=editor.num_templates,
+                       label_rates=label_rates)
     edit_filter = None
     if cfg.aug.filter_fraction > 0:
         from .generator.clip_filter import build_clip_filter

@@ -298,6 +298,8 @@ class AugConfig:
     target_dist: Literal["uniform", "inverse"] = doc("uniform", "inter mode: uniform, or p(c) ∝ 1/n_c^beta.")
     beta: float = doc(1.0, "Exponent of the inverse-frequency target distribution.")
     gamma: float = doc(0.5, "Soft label weight on the target is s^gamma (Diff-Mix eq. 3).")
+    label_rates: str = doc("", "Calibrated soft labels: a JSON of per-class target rates (tools/edit_rates.py); the "
+                               "target weight becomes s^gamma * rate(target), the rest stays on the source.")
     model: str = doc("models/tiny-sd-digits", "Stable Diffusion: Hugging Face id or local diffusers folder.")
     prompt: str = doc("a photo of the digit {name}", "Prompt template; {name} is the class name.")
     prompts: list[str] = doc([], "Prompt diversity: more templates beside aug.prompt; each edit draws one with the "

@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from online_aug.generator import SDComponents, SDEditGenerator, load_sd
+from online_aug.config import AugConfig
+from online_aug.generator import SDComponents, SDEditGenerator, load_sd, resolve_class_names
+from online_aug.generator.finetuned import apply_finetuned
+from online_aug.generator.prompts import class_prompts
 
 TARGET_RATE_MIN = 0.80  # s=0.9 inter-class edits judged as the target class, in every mode
 HIGH_S, LOW_S = 0.9, 0.25
@@ -144,6 +147,25 @@ def per_target_rates(
         rates[c] = float((clf.predict(pixel_features(edited.cpu(), res)) == c).mean())
     return {"target_rate": rates, "per_class": per_class, "strength": strength, "guidance_scale": guidance_scale,
             "steps": steps, "seed": seed}
+
+
+def generator_label_rates(aug: AugConfig, class_names: list[str], images: Tensor, labels: np.ndarray, *,
+                          per_class: int = 50, strength: float = HIGH_S, seed: int = 0,
+                          device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The per-class target rates behind ``aug.label_rates``: :func:`per_target_rates` of the generator exactly as
+    a run loads it (``aug.model`` + ``aug.textual_inversion`` / ``aug.lora``, ``aug.prompt``, guidance, K), judged
+    by the pixel classifier fit on ``images`` -- the classifier's own training split, so the calibration uses no
+    image the classifier does not see."""
+    components = load_sd(aug.model, device, torch.float32)
+    names = resolve_class_names(aug.class_names, class_names)
+    tokens = apply_finetuned(components, aug, len(names))
+    prompts = class_prompts(aug.prompt, names, tokens)
+    out = per_target_rates(components, prompts, images, labels, per_class=per_class, strength=strength,
+                           guidance_scale=aug.guidance_scale, steps=aug.steps, seed=seed, device=device)
+    out.update(model=aug.model, textual_inversion=aug.textual_inversion, lora=aug.lora, prompt=aug.prompt,
+               judge="LogisticRegression on grayscale pixels of the classifier's training split",
+               chance=1.0 / len(names))
+    return out
 
 
 def evaluate_edit_quality(

@@ -117,23 +117,50 @@ def adaptive_strengths(target: torch.Tensor, edit_acc: torch.Tensor, kappa: floa
 
 
 def mix_labels(source: torch.Tensor, target: torch.Tensor, strength: torch.Tensor, gamma: float,
-               num_classes: int) -> torch.Tensor:
-    """Diff-Mix eq. 3 for M edits: [M, C] rows (1 - s^gamma) on the source class and s^gamma on the target."""
+               num_classes: int, target_rates: torch.Tensor | None = None) -> torch.Tensor:
+    """Diff-Mix eq. 3 for M edits: [M, C] rows (1 - s^gamma) on the source class and s^gamma on the target.
+
+    With ``target_rates`` ([C], aug.label_rates) the target weight is s^gamma * rate(target): an edit toward a class
+    the generator draws only some of the time claims only that share of it, the rest stays on the source."""
     # scatter_add makes target == source (every intra edit) a hard label: (1 - w) + w on one class
     w = strength.float().pow(gamma)
+    if target_rates is not None:
+        w = w * target_rates.float()[target]
     edited = torch.zeros(len(source), num_classes)
     edited.scatter_add_(1, source[:, None], (1 - w)[:, None])
     edited.scatter_add_(1, target[:, None], w[:, None])
     return edited
 
 
+def read_label_rates(path: str, num_classes: int) -> torch.Tensor:
+    """aug.label_rates: the ``target_rate`` per class of a tools/edit_rates.py JSON, as a [C] tensor in [0, 1]."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"aug.label_rates: {path} is not a file; write it with tools/edit_rates.py --config <this "
+                          f"config> --out {path}, or set aug.label_rates= to keep Diff-Mix's labels")
+    try:
+        rates = json.loads(file.read_text())["target_rate"]
+        values = [float(rates[str(c)]) for c in range(num_classes)]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"aug.label_rates: {path} has no 'target_rate' for each of the {num_classes} classes "
+                          f"({type(e).__name__}: {e}); rewrite it with tools/edit_rates.py") from None
+    if not all(0 <= v <= 1 for v in values):
+        raise ConfigError(f"aug.label_rates: {path} has rates outside [0, 1]: {values}")
+    return torch.tensor(values)
+
+
 class AugPolicy:
     """Plans one batch. Holds only derived constants; all randomness comes from the ``rng`` passed to ``plan``."""
 
     def __init__(self, cfg: AugConfig, num_classes: int, class_counts: list[int] | None = None,
-                 num_templates: int = 1):
+                 num_templates: int = 1, label_rates: torch.Tensor | None = None):
         """``num_templates``: prompt templates per class the generator holds (aug.prompt, aug.prompts,
-        aug.prompt_file); with more than one, each edit draws one uniformly."""
+        aug.prompt_file); with more than one, each edit draws one uniformly. ``label_rates``: [C] target rates
+        (:func:`read_label_rates`) that scale the soft label's target weight."""
+        self.label_rates = label_rates
         if num_classes < 2 and cfg.target_mode != "intra":
             raise ConfigError(f"aug.target_mode={cfg.target_mode} needs at least 2 classes")
         self.cfg = cfg
@@ -175,7 +202,7 @@ class AugPolicy:
                                           torch.rand(m, generator=rng))
         soft = torch.nn.functional.one_hot(labels, self.num_classes).float()
         if m:
-            soft[index] = mix_labels(source, target, strength, cfg.gamma, self.num_classes)
+            soft[index] = mix_labels(source, target, strength, cfg.gamma, self.num_classes, self.label_rates)
         template = None
         if self.num_templates > 1:  # drawn last: with one template the rng stream is what it always was
             template = torch.randint(self.num_templates, (m,), generator=rng)

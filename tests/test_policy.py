@@ -132,3 +132,44 @@ def test_prompt_templates_are_drawn_per_edit_after_everything_else():
     assert torch.equal(again.template, many.template)  # a function of (seed, rank, step)
     other = AugPolicy(AugConfig(alpha=0.5), 10, None, num_templates=3).plan(labels, step_rng(0, 0, 4))
     assert not torch.equal(other.template, many.template)
+
+
+def test_calibrated_labels_scale_the_target_weight(tmp_path):
+    """aug.label_rates: target weight s^gamma * rate(target); rate 1 everywhere is Diff-Mix eq. 3 exactly."""
+    import json
+
+    from online_aug.policy import read_label_rates
+
+    rates = {str(c): (0.1 * c if c % 2 else 1.0) for c in range(10)}
+    f = tmp_path / "rates.json"
+    f.write_text(json.dumps({"target_rate": rates}))
+    r = read_label_rates(str(f), 10)
+    labels = torch.arange(40) % 10
+    cfg = AugConfig(alpha=1.0, strengths=[0.5, 0.9], gamma=0.5)
+    plain = AugPolicy(cfg, 10).plan(labels, step_rng(0, 0, 3))
+    cal = AugPolicy(cfg, 10, label_rates=r).plan(labels, step_rng(0, 0, 3))
+    assert torch.equal(plain.target, cal.target) and torch.equal(plain.strength, cal.strength)  # same draws
+    changed = plain.source != plain.target
+    assert changed.sum() > 10
+    for k in torch.nonzero(changed).flatten().tolist():
+        i, s, t = plain.index[k], plain.strength[k], plain.target[k]
+        w = float(s) ** 0.5 * float(r[t])
+        assert cal.soft_label[i, t] == pytest.approx(w, abs=1e-6)
+        assert cal.soft_label[i, plain.source[k]] == pytest.approx(1 - w, abs=1e-6)
+        if float(r[t]) == 1.0:
+            assert torch.allclose(cal.soft_label[i], plain.soft_label[i])
+    assert torch.allclose(cal.soft_label.sum(1), torch.ones(40))
+
+
+def test_label_rates_bad_files(tmp_path):
+    from online_aug.policy import read_label_rates
+
+    with pytest.raises(ConfigError, match="aug.label_rates.*tools/edit_rates.py"):
+        read_label_rates(str(tmp_path / "missing.json"), 10)
+    f = tmp_path / "short.json"
+    f.write_text('{"target_rate": {"0": 0.5}}')
+    with pytest.raises(ConfigError, match="each of the 10 classes"):
+        read_label_rates(str(f), 10)
+    f.write_text('{"target_rate": {"0": 1.5, "1": 0.5}}')
+    with pytest.raises(ConfigError, match="outside"):
+        read_label_rates(str(f), 2)
