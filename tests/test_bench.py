@@ -16,7 +16,8 @@ def test_bench_counts_unet_evaluations_and_times_every_variant(tmp_path: Path) -
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["HF_HUB_OFFLINE"] = "1"
     cmd = [sys.executable, "tools/bench.py", "--batch", "4", "--repeats", "1", "--steps", "1", "--rounds", "1",
-           "--reuse", "3", "--out", str(out), "train.batch_size=8", "aug.queue_depth=1", f"run.out_dir={tmp_path / 'runs'}"]
+           "--reuse", "3", "--out", str(out), "train.batch_size=8", "aug.queue_depth=1",
+           f"run.out_dir={tmp_path / 'runs'}"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
