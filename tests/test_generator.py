@@ -269,6 +269,23 @@ def test_gen_from_noise_acts_on_strength_one_only() -> None:
     torch.testing.assert_close(swapped[[0, 2]], batch[[0, 2]], atol=1e-5, rtol=0)
 
 
+def test_text_to_image_batch_skips_the_vae_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    comps = _components()
+    gen = SDEditGenerator(comps, PROMPTS, steps=2, gen_from_noise=True)
+    images, targets = _images(2), torch.tensor([0, 1])
+    want, _ = gen.edit(images, torch.ones(2), targets, noise=_noise(2))
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran for a text-to-image batch")
+
+    monkeypatch.setattr(comps.vae, "encode", no_encoder)
+    got, finite = gen.edit(images, torch.ones(2), targets, noise=_noise(2))
+    assert finite.all()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(AssertionError, match="VAE encoder"):  # one SDEdit sample in the batch needs the reference
+        gen.edit(images, torch.tensor([1.0, 0.5]), targets, noise=_noise(2))
+
+
 def test_dpm_solver_fewstep_matches_diffusers_multistep() -> None:
     """Few-step mode: each sample's K timesteps run through DPMSolverMultistepScheduler (dpmsolver++, order 2) with
     those custom timesteps give the same result as the per-sample solver, for a batch of equal strengths."""

@@ -373,7 +373,12 @@ class SDEditGenerator:
         x = _resize(images.to(dev, torch.float32), (R, R)) * 2 - 1
         # The loop state stays float32 (the UNet runs in self.dtype): per-sample alphas are float32 tensors, and
         # fp16 latents would lose precision in the x0 reconstruction at high noise levels.
-        z0 = self._encode(x.to(dt)).float()
+        gen = full_strength(strengths) if self.gen_from_noise else None  # text-to-image samples (host bools)
+        if gen is not None and bool(gen.all()) and masks is None:  # no reference is read: skip the VAE encoder
+            side = R // self.vae_scale_factor
+            z0 = torch.zeros(M, int(self.vae.config.latent_channels), side, side, device=dev)
+        else:
+            z0 = self._encode(x.to(dt)).float()
         if noise is None:
             noise = randn_tensor(z0.shape, generator=generator, device=dev, dtype=dt)
         elif noise.shape != z0.shape:
@@ -383,9 +388,8 @@ class SDEditGenerator:
             z0 = z0 + self.latent_noise * randn_tensor(z0.shape, generator=generator, device=dev, dtype=dt).float()
         noise = noise.to(dev).float()
         lat = self.scheduler.add_noise(z0, noise, per_sample.start)
-        if self.gen_from_noise:  # text-to-image Gen: a sample of strength 1 starts from pure noise, not the reference
-            gen = full_strength(strengths).to(dev).view(-1, 1, 1, 1)
-            lat = torch.where(gen, self.scheduler.init_noise(noise, per_sample.start), lat)
+        if gen is not None:  # text-to-image Gen: a sample of strength 1 starts from pure noise, not the reference
+            lat = torch.where(gen.to(dev).view(-1, 1, 1, 1), self.scheduler.init_noise(noise, per_sample.start), lat)
         region = region_lat = extra_in = None
         if masks is not None:
             region_r, region = self.edit_region(masks.to(dev), (H, W))
