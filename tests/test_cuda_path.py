@@ -192,3 +192,96 @@ def test_interval_guard_stops_without_saving_weights_a_bad_loss_reached(tmp_path
     assert "without a checkpoint" in str(info.value) and "train.guard_every=2" in tr.control.reason
     saved = sorted(p.name for p in (tr.run_dir / "checkpoints").iterdir() if p.name.startswith("step"))
     assert saved == ["step00000002"]  # the good one; step 4's weights had trained on the NaN batch
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: 'capture' records the call on the static buffers, replay re-runs it
+    into the captured output, as a real graph replays its kernels on the same addresses."""
+
+    capturing = None
+
+    def __init__(self):
+        self.call = None
+
+    def replay(self):
+        fn, args, out = self.call
+        out.copy_(fn(*args))
+
+
+def _fake_cuda(monkeypatch, fail=False):
+    import contextlib
+
+    class Stream:
+        def __init__(self, *a, **k): ...
+
+        def wait_stream(self, other): ...
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, capture_error_mode=None):
+        assert capture_error_mode == "thread_local"
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        _FakeGraph.capturing = g
+        yield
+        _FakeGraph.capturing = None
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+
+
+def _graphed(gen):
+    from online_aug.generator.graphs import GraphedLoop
+
+    eager = gen._denoise
+
+    def recording(*args):
+        out = eager(*args)
+        if _FakeGraph.capturing is not None:
+            _FakeGraph.capturing.call = (eager, args, out)
+        return out
+
+    gen._denoise = recording
+    gen.graph_loop = GraphedLoop(gen)
+    return gen
+
+
+def _tiny_cpu_gen(tmp_path):
+    from online_aug.generator import SDEditGenerator, load_sd
+
+    comps = load_sd(str(save_tiny_sd(tmp_path / "sd")), torch.device("cpu"), torch.float32)
+    return SDEditGenerator(comps, [f"digit {i}" for i in range(10)])
+
+
+def _cpu_edit(gen, seed, m=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(m, 3, 32, 32, generator=g)
+    s = torch.rand(m, generator=g) * 0.8 + 0.1  # new strengths each call: the timestep tables change
+    return gen.edit(x, s, torch.randint(10, (m,), generator=g), torch.Generator().manual_seed(seed))[0]
+
+
+def test_graph_replay_copies_every_input_into_the_static_buffers(tmp_path, monkeypatch):
+    """The capture/replay plumbing of aug.cuda_graph on CPU: replays with new images, strengths and targets equal the
+    eager loop, one graph per shape."""
+    _fake_cuda(monkeypatch)
+    gen = _tiny_cpu_gen(tmp_path)
+    want = [_cpu_edit(gen, seed) for seed in range(3)] + [_cpu_edit(gen, 9, m=2)]
+    _graphed(gen)
+    got = [_cpu_edit(gen, seed) for seed in range(3)] + [_cpu_edit(gen, 9, m=2)]
+    for a, b in zip(want, got, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert len(gen.graph_loop.graphs) == 2 and gen.graph_loop.replays == 4
+
+
+def test_a_failed_capture_falls_back_to_the_eager_loop_and_says_so(tmp_path, monkeypatch, capsys):
+    _fake_cuda(monkeypatch, fail=True)
+    gen = _tiny_cpu_gen(tmp_path)
+    want = _cpu_edit(gen, 0)
+    _graphed(gen)
+    assert torch.allclose(_cpu_edit(gen, 0), want, atol=1e-6) and torch.allclose(_cpu_edit(gen, 0), want, atol=1e-6)
+    err = capsys.readouterr().err
+    assert err.count("aug.cuda_graph: capture failed") == 1 and "eager loop instead" in err
+    assert gen.graph_loop.replays == 0 and len(gen.graph_loop.failed) == 1
