@@ -36,3 +36,14 @@ def clean_env() -> dict[str, str]:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "online_aug-tests" / "torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: more torch threads cost more than they gain."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ from online_aug.erasure import RECORD, EraseOptions, check_concepts, erase, eras
 from online_aug.generator import SDComponents, SDEditGenerator
 from online_aug.tiny_sd import build_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads cost more than they gain
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _components() -> SDComponents:

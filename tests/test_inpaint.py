@@ -19,12 +19,7 @@ from online_aug.policy import AugPolicy
 PROMPTS = ["a photo of the digit zero", "a photo of the digit one"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads cost more than they gain
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _components(inpainting: bool = False) -> SDComponents:
