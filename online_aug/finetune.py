@@ -364,8 +364,9 @@ def finetune(cfg: Config, splits: Splits, model: str, out: str | Path, opts: Fin
         for grp, base_lr in zip(opt.param_groups, [opts.lr, opts.lora_lr]):
             grp["lr"] = base_lr * warm
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            with torch.no_grad():  # the VAE is frozen: latents are data here
-                # the VAE's own dtype: load_sd keeps a force_upcast VAE out of fp16
+            # the VAE is frozen (latents are data here) and runs in its own dtype outside the autocast: load_sd keeps
+            # a force_upcast VAE out of fp16, which an fp16 autocast would otherwise bring back
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 post = comps.vae.encode(x.to(device, comps.vae.dtype, non_blocking=True)).latent_dist
                 z0 = sample_latents(post.mean.float(), post.std.float(), g) * scaling
             # Encode each class prompt in the batch once, then gather: a batch rarely holds all classes.
