@@ -121,6 +121,15 @@ def eval_table(metrics: dict[str, float], class_names: list[str], train_counts: 
     return "\n".join(lines)
 
 
+def read_summary(run_dir: str | Path) -> list[dict[str, str]]:
+    """The rows of a run's ``summary.csv`` (written by :class:`Monitor`), as strings; [] when it has none yet."""
+    path = Path(run_dir) / "summary.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def load_reference(spec: str) -> tuple[str, dict[str, float]] | None:
     """``run.reference`` = ``<results.csv>:<row>`` (a tools/compare.py table): the row's mean over its seeds, in %.
 

@@ -9,7 +9,6 @@ the ZeRO-1 run exports through DeepSpeed's ``get_fp32_state_dict_from_zero_check
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import subprocess
@@ -26,6 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from online_aug.config import ConfigError, load_config
 from online_aug.data import build_splits
 from online_aug.export import export_run
+from online_aug.monitor import read_summary
 from online_aug.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +41,6 @@ def _train(args: list[str], env: dict[str, str]) -> Path:
     assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     (run_dir,) = out.iterdir()
     return run_dir
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "summary.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +86,7 @@ def _check_round_trip(run_dir: Path, export: Path, tb_prefix: str) -> None:
     config = json.loads((export / "config.json").read_text())
     model = timm.create_model(f"local-dir:{export}", pretrained=True)
     acc, pred, labels = _timm_accuracy(model, run_dir)
-    final = _rows(run_dir)[-1]
+    final = read_summary(run_dir)[-1]
     assert f"{acc:.6g}" == final["eval_top1"], (acc, final)  # summary.csv keeps 6 significant digits
     # every class's accuracy as the run logged it: the same predictions, not only the same count
     tb = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
@@ -125,7 +120,7 @@ def test_epochs_set_the_steps_and_sgd_ran(selected_run: Path) -> None:
 
 def test_select_val_reports_the_best_val_weights_on_test(selected_run: Path) -> None:
     cfg = load_config(selected_run / "config.yaml")
-    rows = _rows(selected_run)
+    rows = read_summary(selected_run)
     val = [r for r in rows if r["split"] == "val"]
     assert [int(r["step"]) for r in val] == [*range(4, cfg.train.steps, 4), cfg.train.steps]
     best = max(val, key=lambda r: (float(r["eval_balanced_acc"]), -int(r["step"])))  # first best
@@ -148,7 +143,7 @@ def test_export_of_a_zero1_run_reproduces_its_test_accuracy(selected_run: Path) 
     assert pc["mean"] == config["mean"] == [0.5] * 3 and pc["std"] == [0.5] * 3
     assert pc["input_size"] == config["input_size"] == [3, 16, 16] and pc["crop_mode"] == "squash"
     assert config["online_aug"]["checkpoint_tag"] == "best"
-    assert config["online_aug"]["step"] == int(_rows(selected_run)[-1]["selected_step"])
+    assert config["online_aug"]["step"] == int(read_summary(selected_run)[-1]["selected_step"])
     _check_round_trip(selected_run, export, "selected")
 
 

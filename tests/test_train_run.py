@@ -6,7 +6,6 @@ group starts clean. The classifier is timm's tiny ``test_resnet`` at 16 px, so a
 
 from __future__ import annotations
 
-import csv
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from online_aug.checkpoint import find_resume
 from online_aug.config import ConfigError, load_config
+from online_aug.monitor import read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # the first DeepSpeed process on a fresh machine compiles a small op (~1 min)
@@ -40,11 +40,6 @@ def _scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "summary.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +90,7 @@ def test_checkpoint_is_deepspeeds(first_run: Path) -> None:
 
 
 def test_summary_csv(first_run: Path) -> None:
-    rows = _rows(first_run)
+    rows = read_summary(first_run)
     assert [int(r["step"]) for r in rows] == [3, 6]
     for r in rows:
         for k in ("eval_top1", "eval_balanced_acc", "eval_acc_many", "eval_acc_few"):
@@ -113,7 +108,7 @@ def test_tensorboard_scalars(first_run: Path) -> None:
     assert all(v > 0 for _, v in s["train/loss"])
     assert dict(s["train/lr"])[2] == pytest.approx(LR * 3 / WARMUP)
     # TensorBoard and summary.csv report the same evaluation
-    assert dict(s["eval/top1"])[6] == pytest.approx(float(_rows(first_run)[-1]["eval_top1"]), abs=1e-5)
+    assert dict(s["eval/top1"])[6] == pytest.approx(float(read_summary(first_run)[-1]["eval_top1"]), abs=1e-5)
     top1 = dict(s["eval/top1"])[6]
     assert 0.0 <= top1 <= 1.0
 
@@ -131,7 +126,7 @@ def test_resume_by_path_continues_from_the_checkpoint(first_run: Path, resumed_r
     # the LR schedule was restored too: step 8 is warm-up step 9 of 20
     assert dict(s["train/lr"])[8] == pytest.approx(LR * 9 / WARMUP)
     assert [step for step, _ in s["eval/top1"]] == [9]
-    rows = _rows(resumed_run)
+    rows = read_summary(resumed_run)
     assert [int(r["step"]) for r in rows] == [3, 6, 9]  # appended to the run's summary
     ckpt = resumed_run / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step00000009"

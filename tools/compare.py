@@ -42,7 +42,8 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from online_aug.config import ConfigError, load_config  # light: dataclasses + yaml, no torch
+from online_aug.config import ConfigError, load_config
+from online_aug.monitor import read_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,14 +189,6 @@ def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
         if int(rows[-1]["step"]) == int(want["train"]["steps"]):
             return run
     return None
-
-
-def read_summary(run: Path) -> list[dict[str, str]]:
-    path = run / "summary.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def train_one(args: argparse.Namespace, row: Row, seed: int, logs: Path) -> tuple[Path, float]:
