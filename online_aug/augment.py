@@ -66,7 +66,8 @@ class Augmenter:
     def __init__(self, policy: AugPolicy, editor, device: torch.device, seed: int, rank: int,
                  class_names: list[str], example_every: int = 0, edit_filter: EditFilter | None = None,
                  board: SnapshotBoard | None = None, dup_guard: NearDuplicateGuard | None = None,
-                 reuse: int = 1, safety: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 reuse: int = 1, safety: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 source_reader: Callable[[torch.Tensor], torch.Tensor] | None = None):
         # editor: the frozen SD wrapper (SDEditGenerator) or any object with its edit(images, s, targets, generator)
         self.policy, self.editor, self.device = policy, editor, device
         self.seed, self.rank, self.class_names = seed, rank, class_names
@@ -76,13 +77,18 @@ class Augmenter:
         self.reuse = int(reuse)  # aug.reuse: steps each edit is used in (1: every edit fresh)
         self._ring: dict[tuple[int, int], tuple] = {}  # (step made, slot) -> (image, soft label, target, kept)
         self.safety = safety  # aug.safety_checker: images -> [M] bool flagged; None (off) costs nothing
+        # aug.edit_source=full: view geometry [M, 6] -> the edit sources at the generator's resolution, read from the
+        # stored images (data.EditSourceReader); None: the edit starts from the classifier's view
+        self.source_reader = source_reader
         self._nonfinite = [0, 0]  # (non-finite edits, edits) in the current window of NONFINITE_WINDOW edits
         self.nonfinite_warned = False
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int,
-                 masks: torch.Tensor | None = None) -> Batch:
+                 masks: torch.Tensor | None = None, geom: torch.Tensor | None = None) -> Batch:
         """``images`` [B,3,H,W] in [0,1] on ``self.device``; ``labels`` [B] on the CPU; ``step`` the micro-step;
-        ``masks`` [B,1,H,W] object masks from the loader (aug.mask_mode), handed to the generator with the edits."""
+        ``masks`` [B,1,H,W] object masks from the loader (aug.mask_mode), handed to the generator with the edits;
+        ``geom`` [B,6] (CPU) where each view came from in its stored image (aug.edit_source=full): the edits then
+        start from the stored images at the generator's resolution and are resized to the view's size."""
         t0 = time.perf_counter()
         rng = step_rng(self.seed, self.rank, step)
         snapshot = self.board.for_step(step) if self.board is not None else None
@@ -105,11 +111,17 @@ class Augmenter:
             kw = {} if masks is None else {"masks": masks[idx][f_dev]}
             if plan.template is not None:  # prompt diversity: the template each edit drew
                 kw["templates"] = plan.template[fi]
-            edited, keep = self.editor.edit(f_src, f_strength, f_target, generator=noise_rng, **kw)
+            e_src = f_src  # what the generator edits: the view, or its stored image at the generator's resolution
+            if self.source_reader is not None and geom is not None:
+                e_src = self.source_reader(geom[plan.index[fi]]).to(self.device, non_blocking=True)
+            edited, keep = self.editor.edit(e_src, f_strength, f_target, generator=noise_rng, **kw)
             nonfinite = (~keep).sum()
             if self.safety is not None:
-                edited, keep, safety_stats = self._screen(edited, keep, f_src, f_strength, f_target, noise_rng, kw)
+                edited, keep, safety_stats = self._screen(edited, keep, e_src, f_strength, f_target, noise_rng, kw)
                 stats.update(safety_stats)
+            if edited.shape[-2:] != f_src.shape[-2:]:  # a full-resolution edit, brought to the classifier's view
+                edited = torch.nn.functional.interpolate(edited, size=f_src.shape[-2:], mode="bilinear",
+                                                         antialias=True, align_corners=False).clamp_(0, 1)
             filtered = torch.zeros((), dtype=torch.long, device=self.device)
             if self.edit_filter is not None:
                 passed = self.edit_filter(edited, f_target.to(self.device))
@@ -244,10 +256,15 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
     dup_guard = None
     if cfg.aug.dup_threshold > 0:
         dup_guard = NearDuplicateGuard(guard_bank(splits.train, splits.num_classes), cfg.aug.dup_threshold, device)
+    source_reader = None
+    if splits.train.edit_source:  # aug.edit_source=full (the trainer set it): the loader sends each view's geometry
+        from .data import EditSourceReader
+
+        source_reader = EditSourceReader(splits.train, editor.resolution)
     return Augmenter(policy, editor, device, cfg.run.seed, rank,
                      resolve_class_names(cfg.aug.class_names, splits.class_names),
                      example_every=cfg.aug.image_every * accum, edit_filter=edit_filter, board=board,
-                     dup_guard=dup_guard, reuse=cfg.aug.reuse, safety=safety)
+                     dup_guard=dup_guard, reuse=cfg.aug.reuse, safety=safety, source_reader=source_reader)
 
 
 def guard_bank(train, num_classes: int, per_class: int = GUARD_PER_CLASS) -> list[torch.Tensor]:

@@ -110,6 +110,15 @@ def one_hot_on(y: torch.Tensor, num_classes: int, device: torch.device) -> torch
     return torch.nn.functional.one_hot(y.to(device, non_blocking=True), num_classes).float()
 
 
+def loader_extras(rest: list, device: torch.device) -> dict[str, torch.Tensor]:
+    """What travels with a real micro-batch to the generator (the loader's optional third item, a dict; see
+    :class:`~online_aug.data.LabeledImages`), as ``augment(...)``'s keyword arguments: the object masks go to
+    ``device``; the view geometry stays on the host, where the edit source's files are read."""
+    if not rest:
+        return {}
+    return {k: v if k == "geom" else v.to(device, non_blocking=True) for k, v in rest[0].items()}
+
+
 def real_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,
                 num_workers: int, sampler: str = "random") -> DataLoader:
     """``sampler``: ``random`` (epochs of the split) or ``class_balanced`` (``data.sampler``)."""

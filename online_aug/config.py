@@ -317,6 +317,10 @@ class AugConfig:
     gen_from_noise: bool = doc(False, "Text-to-image Gen: a sample of strength 1 starts from pure noise, not from "
                                       "the noised reference (Diff-Mix §3.4 Real-/Diff-Gen).")
     resolution: int = doc(0, "Generation resolution in pixels (0: the model's native sample size).")
+    edit_source: Literal["auto", "view", "full"] = doc(
+        "auto", "What an edit starts from: full = the stored image at the generator's resolution with the crop/flip "
+                "of the classifier's view (read from the file), the edit then resized to data.image_size; view = the "
+                "classifier's view resized up; auto = full for data.dataset=imagefolder, view otherwise.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = doc("auto", "Generator dtype: auto is fp16 on CUDA, fp32 on CPU.")
     latent_noise: float = doc(0.0, "Latent perturbation delta: z0 + delta*N(0,I) before SDEdit (semantic-aug §3.1).")
     queue_depth: int = doc(2, "Prefetch queue depth D (batches generated ahead).")
@@ -472,6 +476,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def full_res_edit_source(self) -> bool:
+        """``aug.edit_source`` resolved: do edits start from the stored image at the generator's resolution? auto
+        picks it where the stored images are files (imagefolder: photos larger than data.image_size); digits and
+        CIFAR store images no larger than the classifier's view, so there the view is the source (bit for bit)."""
+        if self.aug.edit_source == "auto":
+            return self.data.dataset == "imagefolder"
+        return self.aug.edit_source == "full"
 
     def validate(self, *, cuda_available: bool | None = None, world_size: int = 1) -> None:
         """Every section's own checks, then those that span sections; all before any heavy work.

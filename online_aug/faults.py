@@ -262,7 +262,7 @@ class _FaultyAugment:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.augment, name)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> Any:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int, **extras: torch.Tensor) -> Any:
         if step in self.hang:
             _say(f"{INJECT_ENV}: the generator hangs at micro-step {step} (unix time {time.time():.3f})\n")
             while True:  # a generator that never returns (a hung kernel, a deadlock)
@@ -270,7 +270,7 @@ class _FaultyAugment:
         if step in self.oom:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
                                               f"{INJECT_ENV})")
-        return self.augment(images, labels, step)
+        return self.augment(images, labels, step, **extras)
 
 
 def inject_into_augment(augment: Any) -> Any:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from . import streams
-from .batches import Batch, no_edit_stats, real_batch
+from .batches import Batch, loader_extras, no_edit_stats, real_batch
 from .faults import out_of_memory
 
 _POLL_S = 0.05  # how often blocked threads re-check for shutdown or a dead producer
@@ -107,13 +107,13 @@ class Prefetcher:
 
     # ----------------------------------------------------------------- producer side
 
-    def _next_real(self) -> tuple[int, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def _next_real(self) -> tuple[int, torch.Tensor, torch.Tensor, list]:
         """The loader is shared with the trainer's 'real' fallback, so each real batch is used exactly once. The
-        fourth item holds what travels with the images to the generator (the object masks, aug.mask_mode)."""
+        fourth item holds what travels with the images to the generator (batches.loader_extras)."""
         with self._lock:
-            x, y, *extra = next(self._it)
+            x, y, *rest = next(self._it)
             k, self._step = self._step, self._step + 1
-        return k, x, y, extra
+        return k, x, y, rest
 
     def _produce(self) -> None:
         try:
@@ -121,10 +121,10 @@ class Prefetcher:
             with streams.stream(self._stream), torch.no_grad():  # not inference_mode: the trainer backpropagates
                 while not self._stop.is_set():
                     self._busy_since = time.monotonic()
-                    k, x, y, extra = self._next_real()
+                    k, x, y, rest = self._next_real()
                     t0 = time.perf_counter()
                     batch = self.augment(x.to(self.device, non_blocking=True), y, k,
-                                         *(e.to(self.device, non_blocking=True) for e in extra))
+                                         **loader_extras(rest, self.device))
                     if self._ring is not None:
                         made = streams.Event()
                         made.record(self._stream)

@@ -22,7 +22,7 @@ import torch
 
 from . import streams
 from .augment import build_augmenter
-from .batches import Batch, one_hot_on, real_batch, real_loader
+from .batches import Batch, loader_extras, one_hot_on, real_batch, real_loader
 from .class_stats import SnapshotBoard
 from .config import Config
 from .faults import inject_into_augment, inject_into_source
@@ -66,10 +66,9 @@ class SyncAugmentedSource:
         self.it, self.augment, self.device, self.step = iter(loader), augment, device, start
 
     def __next__(self) -> Batch:
-        x, y, *extra = next(self.it)  # extra: the object masks (aug.mask_mode), on to the generator
+        x, y, *rest = next(self.it)  # rest: what travels to the generator (masks, the view's geometry)
         t0 = time.perf_counter()
-        batch = self.augment(x.to(self.device, non_blocking=True), y, self.step,
-                             *(e.to(self.device, non_blocking=True) for e in extra))
+        batch = self.augment(x.to(self.device, non_blocking=True), y, self.step, **loader_extras(rest, self.device))
         batch.stats["aug/stall_ms"] = 1000 * (time.perf_counter() - t0)  # the trainer waited for all of it
         batch.stats["aug/queue_depth"] = 0.0
         self.step += 1
@@ -122,8 +121,8 @@ def _rebuild_reuse_ring(augment: Callable[..., Batch], cfg: Config, splits, devi
     it = iter(real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed, start=first,
                           num_workers=cfg.data.num_workers, sampler=cfg.data.sampler))
     for step in range(first, start):
-        x, y, *extra = next(it)
-        augment(x.to(device), y, step, *(e.to(device) for e in extra))
+        x, y, *rest = next(it)
+        augment(x.to(device), y, step, **loader_extras(rest, device))
 
 
 def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, world: int, micro_bs: int,

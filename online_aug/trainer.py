@@ -75,6 +75,8 @@ class Trainer:
             check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, cfg.aug.lora], self.splits)
             if cfg.aug.mask_mode != "off":  # object masks travel with their images from the loader on
                 attach_masks(self.splits.train, cfg.aug.mask_source, cfg.aug.mask_threshold, cfg.data.root)
+            # aug.edit_source=full: each view's crop/flip travels too; the producer reads the edit source from it
+            self.splits.train.edit_source = cfg.full_res_edit_source()
         self.class_counts = self.splits.train.class_counts()
         self.num_classes = self.splits.num_classes
         resolve_steps(cfg, len(self.splits.train))  # train.epochs > 0 decides the length (optim.py)

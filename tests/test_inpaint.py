@@ -134,8 +134,9 @@ def test_threshold_mask_travels_with_the_image_to_the_generator():
     ds = _digits_like()
     attach_masks(ds, "threshold", 0.25, "unused")
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
-    x, y, m = next(iter(loader))
-    assert m.shape == (4, 1, 16, 16)
+    x, y, extras = next(iter(loader))
+    m = extras["masks"]
+    assert m.shape == (4, 1, 16, 16) and set(extras) == {"masks"}
     assert torch.equal(m, (x.mean(1, keepdim=True) > 0.25).float())  # computed from the very image
     cfg = AugConfig(alpha=0.5, target_mode="intra", strengths=[0.9], mask_mode="foreground", mask_dilate=0,
                     inpaint="blend")
@@ -171,9 +172,9 @@ def test_mask_folder_is_checked_file_by_file(tmp_path):
         attach_masks(ds, "nowhere", 0.25, root)
     _write(masks / "dog" / "b.png", (20, 20), 0)
     attach_masks(ds, str(masks), 0.25, root)
-    x, _, m = ds[0]
-    assert m.shape == (1, 16, 16) and m.min() == 1  # resized to the image size, white = object
-    assert ds[1][2].max() == 0
+    x, _, extras = ds[0]
+    assert extras["masks"].shape == (1, 16, 16) and extras["masks"].min() == 1  # resized, white = object
+    assert ds[1][2]["masks"].max() == 0
 
 
 def test_mask_config_errors(tmp_path):

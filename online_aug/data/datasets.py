@@ -37,6 +37,8 @@ class LabeledImages(Dataset):
         # object masks (aug.mask_mode, set by attach_masks): None, "threshold" or one mask file per image
         self.masks: str | list[Path] | None = None
         self.mask_threshold = 0.25
+        # aug.edit_source=full (set by the trainer): each item also says where its view came from in the stored image
+        self.edit_source = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,25 +65,33 @@ class LabeledImages(Dataset):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         return img
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
-        """``(image, label)``, or ``(image, label, mask)`` once :func:`attach_masks` has set masks: the object mask
-        [1, S, S] in {0, 1} travels with its image through the loader to the generator."""
-        img = self.pil(i, resize=not getattr(self.transform, "full_resolution", False))
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """``(image, label)``, or ``(image, label, extras)`` when something travels with the image through the loader
+        to the generator: ``extras["masks"]`` (:func:`attach_masks`), the object mask [1, S, S] in {0, 1};
+        ``extras["geom"]`` (``edit_source``), ``[i, top, left, height, width, flipped]`` long: the view's crop box in
+        the stored image (height 0: the whole image) and flip, which :class:`EditSourceReader` repeats."""
+        full = getattr(self.transform, "full_resolution", False)
+        img = self.pil(i, resize=not full)
+        geom = (0, 0, 0, 0, 0)  # no geometric transform: the view is the whole stored image, unflipped
         if self.transform is not None:
-            img = self.transform(img)
+            if self.edit_source and full:
+                img, geom = self.transform.with_geometry(img)
+            else:
+                img = self.transform(img)
         arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         x = arr.float().div_(255)
-        if self.masks is None:
-            return x, int(self.labels[i])
+        extras: dict[str, torch.Tensor] = {}
         if isinstance(self.masks, str):  # the stroke mask of the very image returned (after any transform)
-            mask = (x.mean(0, keepdim=True) > self.mask_threshold).float()
-        else:
+            extras["masks"] = (x.mean(0, keepdim=True) > self.mask_threshold).float()
+        elif self.masks is not None:
             with Image.open(self.masks[i]) as m:
                 m = m.convert("L")
                 if m.size != (x.shape[-1], x.shape[-2]):
                     m = m.resize((x.shape[-1], x.shape[-2]), Image.NEAREST)
-                mask = torch.from_numpy(np.asarray(m) > 127).float()[None]
-        return x, int(self.labels[i]), mask
+                extras["masks"] = torch.from_numpy(np.asarray(m) > 127).float()[None]
+        if self.edit_source:
+            extras["geom"] = torch.tensor([i, *geom], dtype=torch.long)
+        return (x, int(self.labels[i]), extras) if extras else (x, int(self.labels[i]))
 
     def subset(self, idx: np.ndarray, transform=None) -> LabeledImages:
         imgs = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
@@ -106,6 +116,30 @@ class LabeledImages(Dataset):
             x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
                                                 align_corners=False).clamp(0, 1)
         return x, self.labels
+
+
+class EditSourceReader:
+    """``aug.edit_source=full``: the source of each edit at the generator's resolution, read from the stored image
+    (a 500 px photo, not the 224 px view blown up again) with the crop box and flip of the classifier's view
+    (``extras["geom"]``), squashed to ``resolution`` square as the view was to ``data.image_size``. It runs in the
+    producer, off the trainer's path, and decodes only the images the policy edits."""
+
+    def __init__(self, part: LabeledImages, resolution: int):
+        self.part, self.resolution = part, int(resolution)
+
+    def __call__(self, geom: torch.Tensor) -> torch.Tensor:
+        """``geom`` [M, 6] long (CPU) -> [M, 3, R, R] float in [0, 1]."""
+        r = self.resolution
+        out = []
+        for i, top, left, h, w, flipped in geom.tolist():
+            img = self.part.pil(i, resize=False)
+            if h and w:
+                img = img.crop((left, top, left + w, top + h))
+            img = img.resize((r, r), Image.BILINEAR)  # PIL antialiases a downscale, as the SD training scripts do
+            if flipped:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            out.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
+        return torch.stack(out).float().div_(255)
 
 
 def attach_masks(part: LabeledImages, source: str, threshold: float, root: str | Path) -> None:

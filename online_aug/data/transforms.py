@@ -10,6 +10,9 @@ exported classifier's ``crop_mode='squash'``, ``crop_pct=1`` describe).
 
 from __future__ import annotations
 
+import random
+
+import torch
 from PIL import Image
 
 from ..config import Config
@@ -32,7 +35,34 @@ class TimmTrainTransform:
         self.pipeline = transforms.Compose([*primary.transforms, *secondary.transforms])
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        return self.pipeline(img)
+        return self.with_geometry(img)[0]
+
+    def with_geometry(self, img: Image.Image) -> tuple[Image.Image, tuple[int, int, int, int, int]]:
+        """The transformed image and its geometry ``(top, left, height, width, flipped)``: the crop box in the
+        stored image's pixels and the horizontal flip, what :class:`~online_aug.data.datasets.EditSourceReader`
+        repeats at the generator's resolution (``aug.edit_source=full``). The geometric stages draw their randomness
+        exactly as timm's own calls would (the same crops for the same seed); the photometric stages follow."""
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        from torchvision.transforms import RandomHorizontalFlip
+        from torchvision.transforms import functional as TF
+
+        top, left, (width, height), flipped = 0, 0, img.size, 0
+        rest = []
+        for t in self.pipeline.transforms:
+            if isinstance(t, RandomResizedCropAndInterpolation) and not rest:
+                top, left, height, width = t.get_params(img, t.scale, t.ratio)
+                interp = t.interpolation
+                if isinstance(interp, (tuple, list)):  # timm's random interpolation, drawn after the box as there
+                    interp = random.choice(interp)
+                img = TF.resized_crop(img, top, left, height, width, list(t.size), interp)
+            elif isinstance(t, RandomHorizontalFlip) and not rest:
+                if torch.rand(1) < t.p:  # torchvision's own draw
+                    img, flipped = TF.hflip(img), 1
+            else:  # the secondary stages (colour jitter, RandAugment) act on the view only: RandAugment's own
+                rest.append(t)  # rotations/shears are not repeated on the edit source, which keeps the crop and flip
+        for t in rest:
+            img = t(img)
+        return img, (top, left, height, width, flipped)
 
     def __repr__(self) -> str:
         return f"TimmTrainTransform({self.pipeline})"
