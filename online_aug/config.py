@@ -288,6 +288,10 @@ class TrainConfig:
 @dataclass
 class AugConfig:
     alpha: float = doc(0.0, "Fraction of each batch edited by the diffusion model (0 disables augmentation).")
+    source_weight: Literal["uniform", "frequency"] = doc(
+        "uniform", "Which batch images become edit sources: uniform, or frequency (weighted by their class's training "
+                   "count: head images are edited toward the targets, the few tail images stay real; CMO's 'the "
+                   "majority helps the minority').")
     exact_alpha: bool = doc(True, "True: exactly round(alpha*B) edits per batch; False: Bernoulli(alpha) each.")
     method: str = doc("custom", "Name of the method this config implements (one of config.METHODS; informational).")
     strengths: list[float] = doc([0.5, 0.7, 0.9], "Set of SDEdit strengths s in (0, 1], drawn uniformly per image.")
@@ -344,6 +348,8 @@ class AugConfig:
     filter_metaclass: str = doc("digit", "Metaclass used in the filter prompts.")
     textual_inversion: str = doc("", "Folder written by tools/finetune_sd.py with learned class tokens.")
     lora: str = doc("", "Folder with a UNet LoRA written by tools/finetune_sd.py.")
+    lora_scale: float = doc(1.0, "Strength of aug.lora merged into the UNet (diffusers' lora_scale): below 1 moves the "
+                                 "fine-tuned generator back toward its base model's diversity.")
     finetune_command: str = doc("", "The tools/finetune_sd.py command whose --out is aug.textual_inversion / aug.lora; "
                                     "printed when that folder is missing.")
     adaptive: bool = doc(False, "Closed loop: the classifier's live per-class statistics steer targets, source->target "
@@ -458,6 +464,8 @@ class AugConfig:
             raise ConfigError(f"aug.timeout_s must be > 0 (seconds a generator step may take), got {self.timeout_s}")
         if self.on_fault not in FAULT_MODES:
             raise ConfigError(f"aug.on_fault must be one of {', '.join(FAULT_MODES)}, got {self.on_fault!r}")
+        if self.lora_scale <= 0:
+            raise ConfigError(f"aug.lora_scale must be > 0 (1 = the LoRA as trained), got {self.lora_scale}")
         if self.latent_noise < 0:
             raise ConfigError(f"aug.latent_noise must be >= 0, got {self.latent_noise}")
         _at_least("aug.image_every", self.image_every, 0)

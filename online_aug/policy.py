@@ -152,6 +152,24 @@ def read_label_rates(path: str, num_classes: int) -> torch.Tensor:
     return torch.tensor(values)
 
 
+def capped_proportional(w: torch.Tensor, total: float) -> torch.Tensor:
+    """Probabilities p_i = min(1, c * w_i) with sum(p) = total (c found by water-filling: the capped entries give
+    their excess to the others), so a Bernoulli draw with them edits ``total`` images on average."""
+    p = torch.zeros_like(w)
+    capped = torch.zeros(len(w), dtype=torch.bool)
+    for _ in range(len(w)):
+        free = ~capped
+        if not bool(free.any()):
+            break
+        c = (total - float(capped.sum())) / float(w[free].sum())
+        p = torch.where(capped, torch.ones_like(w), (c * w).clamp(max=1.0))
+        newly = free & (c * w >= 1.0)
+        if not bool(newly.any()):
+            break
+        capped |= newly
+    return p
+
+
 class AugPolicy:
     """Plans one batch. Holds only derived constants; all randomness comes from the ``rng`` passed to ``plan``."""
 
@@ -168,6 +186,9 @@ class AugPolicy:
         self.num_templates = int(num_templates)
         self.target_p = torch.as_tensor(target_distribution(cfg, class_counts, num_classes), dtype=torch.float64)
         self.strength_set = torch.tensor(cfg.strengths, dtype=torch.float32)
+        # aug.source_weight=frequency: a source is drawn with weight n_c (its class's training count; 1 if unknown)
+        counts = class_counts if class_counts is not None else [1] * num_classes
+        self.class_weight = torch.tensor([max(int(n), 1) for n in counts], dtype=torch.float64)
         self.strength_bounds = (tuple(cfg.strength_range) if cfg.strength_range
                                 else (min(cfg.strengths, default=1.0), max(cfg.strengths, default=1.0)))
 
@@ -176,7 +197,14 @@ class AugPolicy:
         targets, pairs and strengths also follow the classifier's statistics in ``snapshot``."""
         cfg, b = self.cfg, labels.numel()
         labels = labels.long().cpu()
-        if cfg.exact_alpha:
+        if cfg.source_weight == "frequency":  # P(image i is a source) grows with its class's training count
+            w = self.class_weight[labels]
+            if cfg.exact_alpha:
+                m = int(round(cfg.alpha * b))
+                index = torch.multinomial(w, m, replacement=False, generator=rng).sort().values if m else labels[:0]
+            else:
+                index = torch.nonzero(torch.rand(b, generator=rng) < capped_proportional(w, cfg.alpha * b)).flatten()
+        elif cfg.exact_alpha:
             m = int(round(cfg.alpha * b))
             index = torch.randperm(b, generator=rng)[:m].sort().values
         else:

@@ -294,3 +294,20 @@ def test_ti_plus_lora_teaches_a_class_agnostic_model(tmp_path: Path) -> None:
     b, a = before["modes"]["fewstep"]["0.9"]["target_rate"], after["modes"]["fewstep"]["0.9"]["target_rate"]
     assert b < 0.25, b  # about chance (0.1)
     assert a >= 0.5 and a > b + 0.3, (b, a)
+
+
+def test_lora_scale_merges_a_fraction_of_the_update(base: Path, tuned: Path) -> None:
+    """aug.lora_scale (diffusers' lora_scale): the merged weights move linearly with the scale from the base's."""
+    from online_aug.generator.finetuned import apply_lora
+
+    def weights(scale: float | None) -> torch.Tensor:
+        comps = load_sd(str(base), torch.device("cpu"), torch.float32)
+        if scale is not None:
+            apply_lora(comps.unet, tuned, scale=scale)
+        return torch.cat([p.detach().flatten() for n, p in comps.unet.named_parameters() if "attn" in n])
+
+    w0, w1, half = weights(None), weights(1.0), weights(0.5)
+    assert not torch.allclose(w0, w1)
+    torch.testing.assert_close(half, (w0 + w1) / 2, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ConfigError, match="aug.lora_scale must be > 0"):
+        load_config(None, ["aug.lora_scale=0"])

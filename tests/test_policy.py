@@ -173,3 +173,23 @@ def test_label_rates_bad_files(tmp_path):
     f.write_text('{"target_rate": {"0": 1.5, "1": 0.5}}')
     with pytest.raises(ConfigError, match="outside"):
         read_label_rates(str(f), 2)
+
+
+def test_frequency_weighted_sources_edit_head_images_and_keep_tail_ones_real():
+    """aug.source_weight=frequency: image i is a source with weight n_(class of i); the count stays round(alpha*B)."""
+    counts = [56] + [1] * 9
+    p = _policy(alpha=0.25, counts=counts, source_weight="frequency")
+    labels = torch.arange(64) % 10  # 7 head images, 57 tail images per batch
+    src = torch.cat([p.plan(labels, step_rng(0, 0, k)).source for k in range(200)])
+    assert len(src) == 200 * 16
+    head_share = float((src == 0).float().mean())
+    # without replacement: all 7 head images are (nearly) always drawn first, the rest come from the tail
+    assert head_share > 0.40 and head_share == pytest.approx(7 / 16, abs=0.02)
+    uniform = torch.cat([_policy(alpha=0.25, counts=counts).plan(labels, step_rng(0, 0, k)).source
+                         for k in range(200)])
+    assert float((uniform == 0).float().mean()) == pytest.approx(7 / 64, abs=0.02)
+    bern = _policy(alpha=0.25, counts=counts, source_weight="frequency", exact_alpha=False)
+    n = [bern.plan(labels, step_rng(1, 0, k)).num_edits for k in range(200)]
+    assert abs(np.mean(n) - 16) < 2.5  # Bernoulli: alpha*B on average (head probabilities capped at 1)
+    with pytest.raises(ConfigError, match="aug.source_weight"):
+        load_config(None, ["aug.source_weight=tail"])

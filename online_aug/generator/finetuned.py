@@ -303,11 +303,13 @@ def check_lora_state_dict(state_dict: dict[str, Tensor], unet: torch.nn.Module, 
     return max(ranks)
 
 
-def apply_lora(unet: torch.nn.Module, folder: str | Path, key: str = "aug.lora", fuse: bool = True) -> int:
+def apply_lora(unet: torch.nn.Module, folder: str | Path, key: str = "aug.lora", fuse: bool = True,
+               scale: float = 1.0) -> int:
     """Load ``folder/pytorch_lora_weights.safetensors`` into ``unet`` the way ``pipe.load_lora_weights`` does.
 
-    With ``fuse`` the update is merged into the base weights and the PEFT layers are removed: the online loop then
-    runs a plain UNet (no per-step LoRA matmuls, nothing in the way of ``torch.compile``). Returns the rank.
+    With ``fuse`` the update, times ``scale`` (diffusers' ``lora_scale``), is merged into the base weights and the
+    PEFT layers are removed: the online loop then runs a plain UNet (no per-step LoRA matmuls, nothing in the way of
+    ``torch.compile``). Returns the rank.
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
@@ -326,7 +328,7 @@ def apply_lora(unet: torch.nn.Module, folder: str | Path, key: str = "aug.lora",
     StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name="online_aug",
                                                        metadata=metadata)
     if fuse:
-        unet.fuse_lora(adapter_names=["online_aug"])
+        unet.fuse_lora(lora_scale=scale, adapter_names=["online_aug"])
         unet.unload_lora()  # keeps the merged weights; removes the PEFT wrappers
         if frozen:
             unet.requires_grad_(False)
@@ -370,5 +372,5 @@ def apply_finetuned(components: SDComponents, aug: AugConfig, num_classes: int) 
             warnings.warn(f"aug.prompt={aug.prompt!r} differs from the template the tokens were learned with "
                           f"({trained!r}, in {Path(aug.textual_inversion) / MANIFEST})", stacklevel=2)
     if aug.lora:
-        apply_lora(components.unet, aug.lora)
+        apply_lora(components.unet, aug.lora, scale=aug.lora_scale)
     return tokens
