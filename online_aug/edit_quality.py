@@ -149,6 +149,64 @@ def per_target_rates(
             "steps": steps, "seed": seed}
 
 
+def class_diversity(
+    components: SDComponents,
+    prompts: list[str],
+    images: Tensor,
+    labels: np.ndarray,
+    *,
+    reference: tuple[Tensor, np.ndarray] | None = None,
+    per_class: int = 30,
+    strength: float = 0.5,
+    guidance_scale: float = 4.0,
+    steps: int = 4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Does the generator vary a class or copy it? For every class c: ``per_class`` intra-class edits of c's
+    images (cycled) toward c at ``strength``, measured in the near-duplicate guard's feature space (8x8 grayscale,
+    RMS distance; :class:`~online_aug.augment.NearDuplicateGuard`): ``spread``, the mean pairwise distance of the
+    edits; ``copy_dist``, the mean distance of an edit to its nearest training image of c (~0: a copy); and
+    ``real_spread``, the mean pairwise distance of real images of c (``reference``, e.g. the generator pool, else
+    ``images``; None below 2 images). A generator that learned a 1-image class by heart has a spread far below the
+    class's real spread."""
+    from .augment import NearDuplicateGuard
+
+    feat, size = NearDuplicateGuard.features, NearDuplicateGuard.SIZE
+    res = int(components.unet.config.sample_size) * components.vae_scale_factor
+    x, y = _resize(images.float(), res), np.asarray(labels)
+    rx, ry = (x, y) if reference is None else (_resize(reference[0].float(), res), np.asarray(reference[1]))
+    gen = SDEditGenerator(components, prompts, guidance_scale=guidance_scale, steps=steps, scheduler="ddim",
+                          device=device, dtype=components.unet.dtype)
+    out: dict[str, Any] = {"strength": strength, "per_class": per_class, "seed": seed, "classes": {}}
+    for c in range(len(prompts)):
+        own = np.flatnonzero(y == c)
+        if not len(own):
+            continue
+        index = np.resize(own, per_class)
+        edited, _ = gen.edit(x[index].to(device), torch.full((per_class,), strength),
+                             torch.full((per_class,), c, dtype=torch.long),
+                             generator=torch.Generator().manual_seed(seed + c))
+        f, f_train, f_real = feat(edited.cpu()), feat(x[own]), feat(rx[ry == c])
+        out["classes"][str(c)] = {
+            "n_train": int(len(own)),
+            "spread": float(torch.pdist(f).mean()) / size,
+            "copy_dist": float(torch.cdist(f, f_train).min(1).values.mean()) / size,
+            "real_spread": float(torch.pdist(f_real).mean()) / size if len(f_real) > 1 else None,
+        }
+    return out
+
+
+def load_run_generator(aug: AugConfig, class_names: list[str], device: str | torch.device = "cpu"
+                       ) -> tuple[SDComponents, list[str]]:
+    """The generator exactly as a run loads it (``aug.model`` + ``aug.textual_inversion`` / ``aug.lora`` at
+    ``aug.lora_scale``), in fp32, and its class prompts (``aug.prompt`` with the learned tokens)."""
+    components = load_sd(aug.model, device, torch.float32)
+    names = resolve_class_names(aug.class_names, class_names)
+    tokens = apply_finetuned(components, aug, len(names))
+    return components, class_prompts(aug.prompt, names, tokens)
+
+
 def generator_label_rates(aug: AugConfig, class_names: list[str], images: Tensor, labels: np.ndarray, *,
                           per_class: int = 50, strength: float = HIGH_S, seed: int = 0,
                           device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -156,15 +214,12 @@ def generator_label_rates(aug: AugConfig, class_names: list[str], images: Tensor
     a run loads it (``aug.model`` + ``aug.textual_inversion`` / ``aug.lora``, ``aug.prompt``, guidance, K), judged
     by the pixel classifier fit on ``images`` -- the classifier's own training split, so the calibration uses no
     image the classifier does not see."""
-    components = load_sd(aug.model, device, torch.float32)
-    names = resolve_class_names(aug.class_names, class_names)
-    tokens = apply_finetuned(components, aug, len(names))
-    prompts = class_prompts(aug.prompt, names, tokens)
+    components, prompts = load_run_generator(aug, class_names, device)
     out = per_target_rates(components, prompts, images, labels, per_class=per_class, strength=strength,
                            guidance_scale=aug.guidance_scale, steps=aug.steps, seed=seed, device=device)
     out.update(model=aug.model, textual_inversion=aug.textual_inversion, lora=aug.lora, prompt=aug.prompt,
                judge="LogisticRegression on grayscale pixels of the classifier's training split",
-               chance=1.0 / len(names))
+               chance=1.0 / len(prompts))
     return out
 
 

@@ -43,3 +43,42 @@ def test_edit_rates_bad_arguments(tmp_path: Path) -> None:
     assert edit_rates.main(["--config", cfg, "--out", str(tmp_path / "r.json"), "--per-class", "0"]) == 2
     assert edit_rates.main(["--config", cfg, "--out", str(tmp_path / "r.json"), "aug.model=/nonexistent/sd"]) == 2
     assert not (tmp_path / "r.json").exists()
+
+
+def test_class_diversity_tells_a_copy_from_a_variation() -> None:
+    """With the committed pool SD (a trained VAE: its round trip keeps a digit), an edit at a strength near 0 is its
+    source: a 1-image class has spread ~0 and sits on its training image; at strength 1 the samples spread out."""
+    import numpy as np
+    import torch
+
+    from online_aug.data import build_splits
+    from online_aug.edit_quality import class_diversity
+    from online_aug.generator import load_sd
+
+    cfg = load_config(ROOT / "configs" / "diff-mix.yaml")
+    x, y = build_splits(cfg.data).train.tensors()
+    keep = np.isin(y, [0, 4])  # zero: 1 training image; four: 56
+    comps = load_sd(str(ROOT / "models" / "tiny-sd-digits-pool-agnostic"), "cpu", torch.float32)
+    prompts = ["a photo"] * 10
+    kw = dict(per_class=6, guidance_scale=1.0, steps=2)
+    near = class_diversity(comps, prompts, x[keep], y[keep], strength=0.02, **kw)["classes"]
+    far = class_diversity(comps, prompts, x[keep], y[keep], strength=1.0, **kw)["classes"]
+    assert set(near) == {"0", "4"} and near["0"]["n_train"] == 1 and near["0"]["real_spread"] is None
+    assert near["0"]["spread"] < 0.03 and near["0"]["copy_dist"] < 0.03  # six copies of the one zero
+    assert far["0"]["spread"] > 0.1 and far["0"]["copy_dist"] > 0.1  # samples from noise: anything but that zero
+    assert near["4"]["real_spread"] > 0.1 and near["4"]["spread"] > 0.1  # six different fours, kept
+
+
+def test_generator_report_cli(model: Path, tmp_path: Path) -> None:
+    from tools import generator_report
+
+    out = tmp_path / "report.json"
+    over = [f"aug.model={model}", "aug.textual_inversion=", "aug.lora=", "aug.prompt=a photo of the digit {name}"]
+    cfg = str(ROOT / "configs" / "diff-mix.yaml")
+    assert generator_report.main(["--config", cfg, "--out", str(out), "--per-class", "2", "--device", "cpu",
+                                  *over]) == 0
+    data = json.loads(out.read_text())
+    assert data["judge"] == "pool" and len(data["classes"]) == 10  # the config has a generator pool
+    assert {"target_rate", "spread", "copy_dist", "real_spread", "n_train"} <= set(data["classes"][0])
+    assert generator_report.main(["--config", cfg, "--judge", "pool", "data.pool_fraction=0", *over]) == 2
+    assert generator_report.main(["--config", cfg, "--per-class", "1", *over]) == 2
