@@ -4,6 +4,8 @@
 #   models/tiny-sd-digits-pool-agnostic   pretrained on the pool with one prompt, "a photo" (knows the domain only)
 #   models/ft-digits-pool-agnostic        TI + LoRA (rank 10) of the agnostic model on the classifier's LT subset
 #                                         (Diff-Mix's fine-tuning; the Diff-* presets and the demo)
+#   models/ft-digits-pool-agnostic-lora5e-3  the same with a 5x LoRA learning rate: draws every class, copies the
+#                                         1-image ones (the issue-15 investigation, configs/suites/longtail-tune.yaml)
 #   models/ti-digits-pool                 TI on the class-named pool model, tokens from the class names (DA-Fusion:
 #                                         TI needs a UNet that reads its text, as real SD does; README fine-tuning)
 #   models/ti-digits-pool-leakage-free    the same, tokens from the word "a", prompt without the class name (§6.1)
@@ -30,6 +32,9 @@ wait
 tiny models/tiny-sd-digits-lt100 train &
 tune models/ft-digits-pool-agnostic models/tiny-sd-digits-pool-agnostic --template "a photo" --steps 2000 \
   --lora-rank 10 --lr 0.005 --lora-lr 0.001 &
+wait
+tune models/ft-digits-pool-agnostic-lora5e-3 models/tiny-sd-digits-pool-agnostic --template "a photo" --steps 2000 \
+  --lora-rank 10 --lr 0.005 --lora-lr 0.005 &
 wait
 tune models/ti-digits-pool models/tiny-sd-digits-pool --template "a photo of the digit {token}" --steps 600 &
 tune models/ti-digits-pool-leakage-free models/tiny-sd-digits-pool --template "a photo of a {token}" \
