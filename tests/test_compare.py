@@ -116,3 +116,16 @@ def test_model_override_drops_the_presets_learned_tokens() -> None:
     assert (cfg.aug.textual_inversion, cfg.aug.lora, cfg.aug.prompt) == ("", "", "a photo of a {name}")
     plain = compare.run_overrides(compare.parse_args(["--out", "/tmp/x", "--presets", "diff-mix"]), "diff-mix", 0)
     assert load_config(ROOT / "configs" / "diff-mix.yaml", plain).aug.lora == "models/ft-digits-pool-agnostic"
+
+
+def test_run_dirs_match_the_whole_row_name(tmp_path) -> None:
+    """A row whose name ends with another row's ('... + CB resampling' vs 'CB resampling') keeps its runs apart:
+    neither the reuse check nor the new-run detection of two parallel trainings confuses them."""
+    compare = _compare_module()
+    for d in ("20261125-173943-cb-resampling-seed0", "20261125-184023-intra-s-0-5-cb-resampling-seed0",
+              "notes-cb-resampling-seed0"):
+        (tmp_path / d).mkdir()
+    assert {p.name for p in compare.run_dirs(tmp_path, "cb-resampling-seed0")} == {
+        "20261125-173943-cb-resampling-seed0"}
+    assert {p.name for p in compare.run_dirs(tmp_path, "intra-s-0-5-cb-resampling-seed0")} == {
+        "20261125-184023-intra-s-0-5-cb-resampling-seed0"}

@@ -167,6 +167,13 @@ def run_overrides(args: argparse.Namespace, row: Row | str, seed: int) -> list[s
     return out + row.overrides + list(args.set)
 
 
+def run_dirs(runs: Path, name: str) -> set[Path]:
+    """The run folders of ``name``: exactly ``<date>-<time>-<name>`` (a bare ``*-{name}`` would also match another
+    row's ``...-intra-...-cb-resampling-seed0`` when looking for ``cb-resampling-seed0``)."""
+    pattern = re.compile(rf"\d{{8}}-\d{{6}}-{re.escape(name)}")
+    return {p for p in runs.glob(f"*-{name}") if pattern.fullmatch(p.name)}
+
+
 def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
     """The newest run folder of this name that reached its final step with exactly the config ``want`` (the
     resolved config this comparison would run, as a dict); None if there is none.
@@ -174,7 +181,7 @@ def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
     Matching the whole resolved config, not just the name and step count, means a preset edited since (say, pointed
     at a fine-tuned generator) is rerun instead of silently reusing results of the old settings.
     """
-    for run in sorted(runs.glob(f"*-{name}"), reverse=True):
+    for run in sorted(run_dirs(runs, name), reverse=True):
         rows = read_summary(run)
         if not rows or not (run / "config.yaml").is_file():
             continue
@@ -201,7 +208,7 @@ def train_one(args: argparse.Namespace, row: Row, seed: int, logs: Path) -> tupl
     if not args.fresh and (done := finished_run(runs, name, want)) is not None:
         wall = done / "compare_wall_s.txt"
         return done, float(wall.read_text()) if wall.is_file() else math.nan
-    before = set(runs.glob(f"*-{name}"))
+    before = run_dirs(runs, name)
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{preset}.yaml"),
            *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -215,7 +222,7 @@ def train_one(args: argparse.Namespace, row: Row, seed: int, logs: Path) -> tupl
         f.flush()
         r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout)
     wall = time.perf_counter() - t0
-    new = sorted(set(runs.glob(f"*-{name}")) - before)
+    new = sorted(run_dirs(runs, name) - before)
     if r.returncode != 0 or not new or not read_summary(new[-1]):
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{name} failed (exit {r.returncode}); log {log}:\n{tail}")
