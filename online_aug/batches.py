@@ -96,6 +96,25 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         return 2**62
 
 
+class KeyedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Wraps a batch sampler so that each index travels with the seed of its item's random transform
+    (:func:`~online_aug.rng.item_seed` of (seed, rank, micro-step, position)): the dataset draws its crops, flips and
+    RandAugment ops from that seed, so a resumed run sees the very same views (timm's transforms draw from the global
+    ``random`` / torch RNGs, which no checkpoint holds)."""
+
+    def __init__(self, inner: Sampler[list[int]], seed: int, rank: int, start: int = 0):
+        self.inner, self.seed, self.rank, self.start = inner, seed, rank, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        from .rng import item_seed
+
+        for step, batch in enumerate(self.inner, start=self.start):
+            yield [(i, item_seed(self.seed, self.rank, step, pos)) for pos, i in enumerate(batch)]
+
+    def __len__(self) -> int:
+        return 2**62
+
+
 def real_batch(x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int, device: torch.device,
                stats: dict[str, float] | None = None) -> Batch:
     """A real micro-batch with one-hot targets on ``device``. The one-hot is built on the device from the (pinned,
@@ -126,5 +145,7 @@ def real_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, s
         sampler = ClassBalancedBatchSampler(dataset.labels, dataset.num_classes, batch_size, rank, seed, start)
     else:
         sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world_size, seed, start)
+    if getattr(dataset, "transform", None) is not None:  # random views: each item's draws keyed by (seed, step)
+        sampler = KeyedBatchSampler(sampler, seed, rank, start)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

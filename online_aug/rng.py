@@ -15,3 +15,10 @@ def step_rng(seed: int, rank: int, step: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1))
     return g
+
+
+def item_seed(seed: int, rank: int, step: int, position: int) -> int:
+    """The seed of one training item's random transform (micro-step ``step``, ``position`` in the batch): random crops,
+    flips and RandAugment draws replay exactly on resume, whatever ran before (and with any number of loader
+    workers)."""
+    return int(np.random.SeedSequence([seed, rank, step, position, 7]).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -289,3 +289,32 @@ def test_missing_pretrained_file_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.safetensors"
     with pytest.raises(ConfigError, match=re.escape(f"model.pretrained_file='{missing}'")):
         _tiny(pretrained=True, pretrained_file=str(missing))
+
+
+def test_random_views_replay_exactly_on_resume() -> None:
+    """Each item's random transform draws from (seed, rank, step, position) (batches.KeyedBatchSampler): a loader
+    restarted at step 2 gives the views the uninterrupted one gave, whatever the global RNGs hold; without the key the
+    same transform draws from the unseeded global `random` and a rerun differs."""
+    import random
+
+    from online_aug.batches import real_loader
+    from online_aug.data import build_splits
+    from online_aug.data.transforms import build_train_transform
+
+    cfg = load_config(None, ["train.randaugment=rand-m9-n2-mstd0.5"])
+    train = build_splits(cfg.data, build_train_transform(cfg)).train
+
+    def batches(start: int, n: int, noise: int) -> list[torch.Tensor]:
+        random.seed(noise)  # what ran before must not matter
+        torch.manual_seed(noise)
+        it = iter(real_loader(train, 8, 0, 1, seed=0, start=start, num_workers=0))
+        return [next(it)[0] for _ in range(n)]
+
+    full, resumed = batches(0, 4, noise=1), batches(2, 2, noise=2)
+    assert all(torch.equal(a, b) for a, b in zip(full[2:], resumed))
+    plain = torch.utils.data.DataLoader(train, batch_size=8)  # unkeyed: the global RNG decides
+    random.seed(1)
+    a = next(iter(plain))[0]
+    random.seed(2)
+    b = next(iter(plain))[0]
+    assert not torch.equal(a, b)

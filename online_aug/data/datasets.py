@@ -6,6 +6,7 @@ part of the classifier (see :mod:`online_aug.model`), so the generator and the c
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,26 @@ class LabeledImages(Dataset):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
         return img
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    def __getitem__(self, item: int | tuple[int, int]
+                    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """``item``: an index, or ``(index, seed)`` from :class:`~online_aug.batches.KeyedBatchSampler`: the random
+        transform then draws from ``seed`` alone (python's ``random``, numpy's and torch's global RNGs, restored
+        afterwards)."""
+        i, key = item if isinstance(item, tuple) else (item, None)
+        if key is None or self.transform is None:
+            return self._item(i)
+        state, np_state = random.getstate(), np.random.get_state()  # timm draws from all three global RNGs
+        with torch.random.fork_rng(devices=[]):
+            random.seed(key)
+            np.random.seed(key % 2**32)
+            torch.manual_seed(key)
+            try:
+                return self._item(i)
+            finally:
+                random.setstate(state)
+                np.random.set_state(np_state)
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         """``(image, label)``, or ``(image, label, extras)`` when something travels with the image through the loader
         to the generator: ``extras["masks"]`` (:func:`attach_masks`), the object mask [1, S, S] in {0, 1};
         ``extras["geom"]`` (``edit_source``), ``[i, top, left, height, width, flipped]`` long: the view's crop box in
