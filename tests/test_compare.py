@@ -129,3 +129,21 @@ def test_run_dirs_match_the_whole_row_name(tmp_path) -> None:
         "20261125-173943-cb-resampling-seed0"}
     assert {p.name for p in compare.run_dirs(tmp_path, "intra-s-0-5-cb-resampling-seed0")} == {
         "20261125-184023-intra-s-0-5-cb-resampling-seed0"}
+
+
+def test_generator_fingerprint_follows_the_files_not_the_path(tmp_path) -> None:
+    """A generator folder rebuilt in place changes the fingerprint a finished run was made with (so a resumed
+    comparison trains again); checkpoints/ and an alpha-0 run do not count; a hub id counts as itself."""
+    compare = _compare_module()
+    folder = tmp_path / "ft"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "weights.safetensors").write_bytes(b"a" * 100)
+    aug = {"alpha": 0.5, "model": "org/some-sd", "textual_inversion": str(folder), "lora": str(folder),
+           "label_rates": ""}
+    fp = compare.generator_fingerprint(aug)
+    assert fp["model"] == "org/some-sd" and fp["label_rates"] == "" and fp["lora"] == fp["textual_inversion"]
+    (folder / "checkpoints" / "step-1.pt").write_bytes(b"x")
+    assert compare.generator_fingerprint(aug) == fp
+    (folder / "weights.safetensors").write_bytes(b"b" * 100)  # same path, same size, new weights
+    assert compare.generator_fingerprint(aug)["lora"] != fp["lora"]
+    assert compare.generator_fingerprint({**aug, "alpha": 0.0}) == {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import re
@@ -167,6 +168,42 @@ def run_overrides(args: argparse.Namespace, row: Row | str, seed: int) -> list[s
     return out + row.overrides + list(args.set)
 
 
+GENERATORS_FILE = "compare_generators.json"  # what the run's generator folders held (a resumed comparison checks it)
+
+
+def generator_fingerprint(aug: dict[str, Any]) -> dict[str, str]:
+    """Content fingerprints of the run's generator inputs (aug.model, textual_inversion, lora, label_rates): a folder
+    rebuilt in place (same path, new weights) must not let a comparison reuse runs made with the old one. Each file
+    counts by its path, size and the SHA-256 of its first and last MiB (cheap for a multi-GB SD); checkpoints/ is
+    skipped; a hub id counts as itself. Empty at alpha 0 (no generator)."""
+    import hashlib
+
+    if not aug.get("alpha"):
+        return {}
+    out = {}
+    for key in ("model", "textual_inversion", "lora", "label_rates"):
+        ref = aug.get(key) or ""
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = ROOT / path
+        if not ref or not path.exists():
+            out[key] = ref
+            continue
+        h = hashlib.sha256()
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                      if p.is_file() and "checkpoints" not in p.relative_to(path).parts)
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(path.parent)}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+        out[key] = h.hexdigest()[:16]
+    return out
+
+
 def run_dirs(runs: Path, name: str) -> set[Path]:
     """The run folders of ``name``: exactly ``<date>-<time>-<name>`` (a bare ``*-{name}`` would also match another
     row's ``...-intra-...-cb-resampling-seed0`` when looking for ``cb-resampling-seed0``)."""
@@ -193,6 +230,10 @@ def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
             diff = [f"{sec}.{k}" for sec in want for k in want[sec] if got.get(sec, {}).get(k) != want[sec][k]]
             print(f"note: {run} finished with other settings ({', '.join(diff[:4])}); not reused", file=sys.stderr)
             continue
+        saved = run / GENERATORS_FILE  # runs from before it was written: reused on their config alone
+        if saved.is_file() and json.loads(saved.read_text()) != generator_fingerprint(want["aug"]):
+            print(f"note: {run} was made with generator files that have changed since; not reused", file=sys.stderr)
+            continue
         if int(rows[-1]["step"]) == int(want["train"]["steps"]):
             return run
     return None
@@ -208,6 +249,7 @@ def train_one(args: argparse.Namespace, row: Row, seed: int, logs: Path) -> tupl
     if not args.fresh and (done := finished_run(runs, name, want)) is not None:
         wall = done / "compare_wall_s.txt"
         return done, float(wall.read_text()) if wall.is_file() else math.nan
+    fingerprint = generator_fingerprint(want["aug"])  # taken before training: what this run is made with
     before = run_dirs(runs, name)
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{preset}.yaml"),
            *overrides]
@@ -227,6 +269,7 @@ def train_one(args: argparse.Namespace, row: Row, seed: int, logs: Path) -> tupl
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{name} failed (exit {r.returncode}); log {log}:\n{tail}")
     (new[-1] / "compare_wall_s.txt").write_text(f"{wall:.1f}\n")  # so a resumed comparison still reports it
+    (new[-1] / GENERATORS_FILE).write_text(json.dumps(fingerprint) + "\n")
     return new[-1], wall
 
 
