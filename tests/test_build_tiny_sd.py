@@ -1,5 +1,5 @@
-"""online_aug.tiny_sd (run by tools/build_tiny_sd.py): a few-step build loads as an img2img pipeline; the committed
-model passes its gate."""
+"""online_aug.sdtrain.tiny_sd (run by tools/build_tiny_sd.py): a few-step build loads as an img2img pipeline; the
+committed model passes its gate."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from online_aug import tiny_sd
 from online_aug.config import ConfigError, load_config
 from online_aug.data import build_splits
+from online_aug.sdtrain import tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "models" / "tiny-sd-digits"

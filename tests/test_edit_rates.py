@@ -52,8 +52,8 @@ def test_class_diversity_tells_a_copy_from_a_variation() -> None:
     import torch
 
     from online_aug.data import build_splits
-    from online_aug.edit_quality import class_diversity
     from online_aug.generator import load_sd
+    from online_aug.sdtrain.edit_quality import class_diversity
 
     cfg = load_config(ROOT / "configs" / "diff-mix.yaml")
     x, y = build_splits(cfg.data).train.tensors()

@@ -12,9 +12,9 @@ import torch
 from tiny_sd import build_tiny_sd_components, save_tiny_sd
 
 from online_aug.config import AugConfig, ConfigError
-from online_aug.erasure import RECORD, EraseOptions, check_concepts, erase, erase_model, esd_target
 from online_aug.generator import SDComponents, SDEditGenerator
-from online_aug.tiny_sd import build_tokenizer
+from online_aug.sdtrain.erasure import RECORD, EraseOptions, check_concepts, erase, erase_model, esd_target
+from online_aug.sdtrain.tiny_sd import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

@@ -1,5 +1,5 @@
-"""online_aug.finetune (run by tools/finetune_sd.py) and online_aug.generator.finetuned: textual inversion (+ LoRA)
-learned, saved, loaded.
+"""online_aug.sdtrain.finetune (run by tools/finetune_sd.py) and online_aug.generator.finetuned: textual inversion
+(+ LoRA) learned, saved, loaded.
 
 Most tests use the random tiny SD of tests/tiny_sd.py (its character-level tokenizer splits every class name, which
 is what the initializer test needs); the learning tests use the committed models/tiny-sd-digits (which learned the
@@ -21,11 +21,11 @@ from tiny_sd import build_tiny_tokenizer, save_tiny_sd
 
 from online_aug.config import AugConfig, Config, ConfigError, load_config
 from online_aug.data import Splits, build_splits
-from online_aug.edit_quality import edit_target_rates
-from online_aug.finetune import FinetuneError, FinetuneOptions, evaluate, finetune, format_eval, init_embeddings
 from online_aug.generator import SDEditGenerator, load_sd
 from online_aug.generator.finetuned import LORA_FILE, MANIFEST, apply_finetuned
 from online_aug.generator.prompts import class_prompts, render_prompt
+from online_aug.sdtrain.edit_quality import edit_target_rates
+from online_aug.sdtrain.finetune import FinetuneError, FinetuneOptions, evaluate, finetune, format_eval, init_embeddings
 from tools import finetune_sd
 
 ROOT = Path(__file__).resolve().parents[1]

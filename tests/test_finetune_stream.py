@@ -21,10 +21,10 @@ from tiny_sd import save_tiny_sd
 from online_aug.config import AugConfig, load_config
 from online_aug.data import build_splits
 from online_aug.data.datasets import LabeledImages
-from online_aug.finetune import RECIPES, FinetuneError, FinetuneOptions, finetune, recipe_options
 from online_aug.generator import load_sd
 from online_aug.generator.finetuned import LORA_FILE, MANIFEST, apply_finetuned
-from online_aug.sd_training import StepBatchSampler, resize_crop
+from online_aug.sdtrain.finetune import RECIPES, FinetuneError, FinetuneOptions, finetune, recipe_options
+from online_aug.sdtrain.sd_training import StepBatchSampler, resize_crop
 from tools import finetune_sd
 
 CLASSES = ("ant", "bee", "cat")
@@ -170,12 +170,12 @@ def test_bad_requests_are_one_line_errors(setup, tmp_path: Path, capsys: pytest.
 
 
 def test_sd15_architecture_has_the_published_sizes() -> None:
-    """online_aug.sd15's configs build SD 1.5's parts (counted on the meta device: no memory, no weights): the
+    """online_aug.sdtrain.sd15's configs build SD 1.5's parts (counted on the meta device: no memory, no weights): the
     published parameter counts, CLIP's vocabulary and special-token ids."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from online_aug.sd15 import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, sd15_tokenizer
+    from online_aug.sdtrain.sd15 import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, sd15_tokenizer
 
     with torch.device("meta"):
         sizes = [sum(p.numel() for p in m.parameters()) for m in (

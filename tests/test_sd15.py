@@ -1,6 +1,7 @@
-"""SD 1.5's architecture (its published UNet/VAE/CLIP configs with random weights, built in code by online_aug.sd15,
-at a 64 px sample size) through the real user's paths: one TI + LoRA fine-tuning step, then a training run that loads
-the model through ``aug.model`` with the fine-tuned tokens and LoRA and trains one online-augmented step."""
+"""SD 1.5's architecture (its published UNet/VAE/CLIP configs with random weights, built in code by
+online_aug.sdtrain.sd15, at a 64 px sample size) through the real user's paths: one TI + LoRA fine-tuning step, then a
+training run that loads the model through ``aug.model`` with the fine-tuned tokens and LoRA and trains one
+online-augmented step."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from online_aug.config import load_config
 from online_aug.data import build_splits
-from online_aug.finetune import finetune, recipe_options
-from online_aug.sd15 import save_sd15
+from online_aug.sdtrain.finetune import finetune, recipe_options
+from online_aug.sdtrain.sd15 import save_sd15
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 64  # px: latents 8 x 8, the smallest SD 1.5's three down-samplings allow

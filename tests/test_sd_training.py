@@ -13,11 +13,11 @@ from diffusers import DDIMScheduler
 from tiny_sd import SD_SCHEDULER_CONFIG
 
 from online_aug.config import ConfigError, load_config
-from online_aug.edit_quality import inter_class_edits
 from online_aug.generator import resolve_class_names
 from online_aug.rng import step_rng
 from online_aug.schedules import warmup_cosine
-from online_aug.sd_training import class_uniform_weights, denoising_loss, sample_latents, training_scheduler
+from online_aug.sdtrain.edit_quality import inter_class_edits
+from online_aug.sdtrain.sd_training import class_uniform_weights, denoising_loss, sample_latents, training_scheduler
 from online_aug.trainer import lr_lambda
 
 

@@ -1,10 +1,10 @@
 """Build a tiny Stable-Diffusion-architecture model on a dataset's long-tail *training* split (or its generator pool).
 
-The model and its training are :mod:`online_aug.tiny_sd` (an ordinary diffusers folder, SD's architecture made
+The model and its training are :mod:`online_aug.sdtrain.tiny_sd` (an ordinary diffusers folder, SD's architecture made
 tiny, for tests, CI and the CPU demo). This tool picks the split part (``--data train|pool``), builds into a temporary
 folder that replaces ``--out`` only when the build finished, and runs the quality gate
-(:func:`online_aug.edit_quality.evaluate_edit_quality`: inter-class SDEdit at s=0.9 must land on the target, s=0.25
-should keep the source) on the same images; the numbers go to ``build_info.json``.
+(:func:`online_aug.sdtrain.edit_quality.evaluate_edit_quality`: inter-class SDEdit at s=0.9 must land on the target,
+s=0.25 should keep the source) on the same images; the numbers go to ``build_info.json``.
 
 Usage::
 
@@ -30,8 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from online_aug.config import ConfigError, load_config  # noqa: E402
 from online_aug.data import build_splits  # noqa: E402
-from online_aug.edit_quality import evaluate_edit_quality, format_quality_table  # noqa: E402
-from online_aug.tiny_sd import BuildOptions, build_tiny_sd, resolve_prompts, write_build_info  # noqa: E402
+from online_aug.sdtrain.edit_quality import evaluate_edit_quality, format_quality_table  # noqa: E402
+from online_aug.sdtrain.tiny_sd import BuildOptions, build_tiny_sd, resolve_prompts, write_build_info  # noqa: E402
 
 # ---------------------------------------------------------------- CLI
 

@@ -1,7 +1,7 @@
 """Measure how often the configured generator draws each class: the file behind ``aug.label_rates``.
 
-For every class c, ``--per-class`` few-step edits of training images of other classes toward c at ``--strength``,
-judged by a pixel classifier fit on the classifier's own training split (online_aug.edit_quality); the generator is
+For every class c, ``--per-class`` few-step edits of training images of other classes toward c at ``--strength``, judged
+by a pixel classifier fit on the classifier's own training split (online_aug.sdtrain.edit_quality); the generator is
 loaded exactly as a run loads it (aug.model, aug.textual_inversion, aug.lora, aug.prompt, aug.guidance_scale,
 aug.steps). A run with ``aug.label_rates=<out>`` then labels an edit toward c with s^gamma * rate(c) on c.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from online_aug.config import ConfigError, load_config
 from online_aug.data import build_splits
 from online_aug.devices import pick_device
-from online_aug.edit_quality import generator_label_rates
+from online_aug.sdtrain.edit_quality import generator_label_rates
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,10 @@
 """Erase class concepts from a Stable Diffusion (DA-Fusion §6.1 model-centric leakage prevention; ESD-x / ESD-u).
 
-The training and the measurement are :mod:`online_aug.erasure`; this tool parses the command line, writes ``--out``
-and reports. ``--lora-rank 0`` (default) writes a full diffusers folder (``aug.model=<out>``); ``--lora-rank R``
-writes a LoRA folder (``aug.lora=<out>`` over ``aug.model=<--model>``). ``--measure`` judges edits toward every class
-on the base and the erased model (the pixel classifier of :mod:`online_aug.edit_quality`, fit on ``--data`` images of
-``--config``) and writes ``<report>/<tag>.json`` and ``<report>/<tag>.md``.
+The training and the measurement are :mod:`online_aug.sdtrain.erasure`; this tool parses the command line, writes
+``--out`` and reports. ``--lora-rank 0`` (default) writes a full diffusers folder (``aug.model=<out>``);
+``--lora-rank R`` writes a LoRA folder (``aug.lora=<out>`` over ``aug.model=<--model>``). ``--measure`` judges edits
+toward every class on the base and the erased model (the pixel classifier of :mod:`online_aug.sdtrain.edit_quality`,
+fit on ``--data`` images of ``--config``) and writes ``<report>/<tag>.json`` and ``<report>/<tag>.md``.
 
 Usage::
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from online_aug.config import ConfigError, load_config
-from online_aug.erasure import RECORD, EraseOptions, erase_model, load_erased, measure_erasure
+from online_aug.sdtrain.erasure import RECORD, EraseOptions, erase_model, load_erased, measure_erasure
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,10 +1,10 @@
 """Peak memory of fine-tuning steps (TI, or TI + LoRA) on Stable Diffusion 1.5's architecture with random weights.
 
-Builds the random SD 1.5 of :mod:`online_aug.sd15` once (``--model`` folder, fp16 on disk), writes a small image
-folder at ``--resolution``, and runs ``--steps`` steps of :func:`online_aug.finetune.finetune` (the real code path:
-streamed images, autocast, checkpointing, LoRA) while a thread samples the process's resident memory. Prints one JSON
-line: the resident memory when training starts (models loaded, tokens and LoRA added), the peak during the steps and
-the rise between them (activations, gradients, optimizer state), and on CUDA the same from
+Builds the random SD 1.5 of :mod:`online_aug.sdtrain.sd15` once (``--model`` folder, fp16 on disk), writes a small image
+folder at ``--resolution``, and runs ``--steps`` steps of :func:`online_aug.sdtrain.finetune.finetune` (the real code
+path: streamed images, autocast, checkpointing, LoRA) while a thread samples the process's resident memory. Prints one
+JSON line: the resident memory when training starts (models loaded, tokens and LoRA added), the peak during the steps
+and the rise between them (activations, gradients, optimizer state), and on CUDA the same from
 ``torch.cuda.max_memory_allocated``. docs/finetune-memory.md has the numbers and the estimate at 512 px, batch 8.
 
 Usage::
@@ -26,11 +26,11 @@ import psutil
 import torch
 from PIL import Image
 
-from online_aug import finetune as finetune_module
 from online_aug.config import load_config
 from online_aug.data import build_splits
-from online_aug.finetune import finetune, recipe_options
-from online_aug.sd15 import save_sd15
+from online_aug.sdtrain import finetune as finetune_module
+from online_aug.sdtrain.finetune import finetune, recipe_options
+from online_aug.sdtrain.sd15 import save_sd15
 
 
 def _images(root: Path, side: int, classes: int = 2, per_class: int = 4) -> Path:

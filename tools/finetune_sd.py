@@ -3,7 +3,7 @@ learned jointly with a UNet LoRA.
 
 TI (DA-Fusion §4.1) with ``--template`` (default ``aug.prompt``; ``{token}`` / ``{name}`` as
 :func:`online_aug.generator.prompts.render_prompt` fills them), and TI + LoRA (Diff-Mix §3.3) with ``--lora-rank R``.
-The training and the ``--eval`` measurement are :mod:`online_aug.finetune`; this tool parses the command line,
+The training and the ``--eval`` measurement are :mod:`online_aug.sdtrain.finetune`; this tool parses the command line,
 manages ``--out`` and reports.
 
 Output folder (``--out``), in the format of :mod:`online_aug.generator.finetuned` (diffusers reads every file):
@@ -20,7 +20,7 @@ Images stream from the data set's stored originals (an image folder's files), de
 cropped to ``--resolution`` as diffusers' training scripts do; ``--mixed-precision`` (fp16 / bf16 autocast, fp32
 master weights of the tokens and LoRA, frozen UNet / VAE in half precision on CUDA), ``--gradient-checkpointing``
 and SDPA attention make SD 1.5 at 512 px fit one GPU (docs/finetune-memory.md). ``--recipe da-fusion`` and
-``--recipe diff-mix`` are the papers' settings (:data:`online_aug.finetune.RECIPES`, with their citations).
+``--recipe diff-mix`` are the papers' settings (:data:`online_aug.sdtrain.finetune.RECIPES`, with their citations).
 
 Usage::
 
@@ -43,7 +43,8 @@ from pathlib import Path
 from online_aug.config import ConfigError, load_config
 from online_aug.data import build_splits
 from online_aug.devices import pick_device
-from online_aug.finetune import (
+from online_aug.generator.finetuned import write_manifest
+from online_aug.sdtrain.finetune import (
     RECIPES,
     FinetuneError,
     FinetuneOptions,
@@ -54,7 +55,6 @@ from online_aug.finetune import (
     recipe_options,
     resolve_precision,
 )
-from online_aug.generator.finetuned import write_manifest
 
 # ---------------------------------------------------------------- CLI
 

@@ -3,7 +3,7 @@
 For every class: the share of inter-class edits toward it (sources of other classes, ``--strength``) that a judge
 calls that class (the target rate, as ``tools/edit_rates.py`` measures it), and, for intra-class edits of its own
 training images at ``--intra-strength``, their spread, their distance to the nearest training image (a copy is ~0)
-and the spread of real images of the class (online_aug.edit_quality.class_diversity). The generator is loaded
+and the spread of real images of the class (online_aug.sdtrain.edit_quality.class_diversity). The generator is loaded
 exactly as a run loads it (aug.model, aug.textual_inversion, aug.lora, aug.lora_scale, aug.prompt, guidance, K).
 
 The judge: a pixel classifier fit on the generator pool (``--judge pool``, the default when the config has one: many
@@ -26,7 +26,13 @@ import numpy as np
 from online_aug.config import ConfigError, load_config
 from online_aug.data import build_splits
 from online_aug.devices import pick_device
-from online_aug.edit_quality import _resize, class_diversity, fit_pixel_classifier, load_run_generator, per_target_rates
+from online_aug.sdtrain.edit_quality import (
+    _resize,
+    class_diversity,
+    fit_pixel_classifier,
+    load_run_generator,
+    per_target_rates,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

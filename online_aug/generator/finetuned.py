@@ -6,7 +6,7 @@
 - TI + LoRA, Diff-Mix §3.3 and Table 7's "TI+DB" (Wang et al., 2024): the tokens are learned jointly with a low-rank
   update of the UNet's attention projections (rank 10 there), prompted as "a photo of a [v_i] [metaclass]".
 
-One folder holds both, in formats diffusers reads (the learning is :mod:`online_aug.finetune`, run by
+One folder holds both, in formats diffusers reads (the learning is :mod:`online_aug.sdtrain.finetune`, run by
 ``tools/finetune_sd.py``; this module is only the format, as diffusers' ``loaders/textual_inversion.py`` is):
 
 - ``learned_embeds/class_<i>.safetensors``: one file per class, a dict ``{token string: [D] embedding}``, or

@@ -3,7 +3,7 @@ learned jointly with a UNet LoRA (run by ``tools/finetune_sd.py``; the folder it
 :mod:`online_aug.generator.finetuned`, which the online generator reads).
 
 - TI (DA-Fusion §4.1): a new token ``<name>`` per class, initialised from the class name (or an initializer word),
-  learned with the frozen model's denoising loss (:mod:`online_aug.sd_training`) on prompts rendered from the
+  learned with the frozen model's denoising loss (:mod:`online_aug.sdtrain.sd_training`) on prompts rendered from the
   template (see :func:`online_aug.generator.prompts.render_prompt` for how ``{token}`` / ``{name}`` are filled).
 - TI + LoRA (Diff-Mix §3.3, Table 7 "TI+DB", rank 10 there): ``lora_rank > 0`` also trains a PEFT LoRA on the UNet's
   attention projections (to_q/to_k/to_v/to_out.0), with alpha = rank (the scale-1 convention diffusers assumes
@@ -18,7 +18,7 @@ Besides the folder format, a run writes ``checkpoints/step-<n>.pt`` every ``ckpt
 ``resume`` continues from the last one (also to a larger ``steps``). The per-step RNG is
 :func:`online_aug.rng.step_rng` of (seed, step), so a resumed run gives the same weights as an uninterrupted one.
 
-:func:`evaluate` judges s=0.9 inter-class edits (:mod:`online_aug.edit_quality`) three ways: class names in the
+:func:`evaluate` judges s=0.9 inter-class edits (:mod:`online_aug.sdtrain.edit_quality`) three ways: class names in the
 template, the tokens at their initial values ("before"), and the saved folder loaded by the generator ("after").
 """
 
@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from online_aug.config import AugConfig, Config, ConfigError
 from online_aug.data import Splits, seen_record
-from online_aug.edit_quality import edit_target_rates
 from online_aug.generator.finetuned import (
     LORA_TARGETS,
     add_tokens,
@@ -52,7 +51,8 @@ from online_aug.generator.loading import load_sd
 from online_aug.generator.prompts import class_prompts, render_prompt, resolve_class_names, token_strings
 from online_aug.rng import step_rng
 from online_aug.schedules import warmup_cosine
-from online_aug.sd_training import (
+from online_aug.sdtrain.edit_quality import edit_target_rates
+from online_aug.sdtrain.sd_training import (
     CROPS,
     StepBatchSampler,
     StreamedImages,

@@ -17,8 +17,8 @@ self-attention ``attn1``).
 Written by ``tools/erase_concepts.py``: a full diffusers folder (``lora_rank = 0``, read by ``aug.model``) or a LoRA
 folder in :mod:`online_aug.generator.finetuned`'s format (``aug.lora``, with the base model as ``aug.model``), each
 with ``erasure.json``. :func:`measure_erasure` judges, per target class, how often edits toward it are recognised
-as it (:func:`online_aug.edit_quality.per_target_rates`): an erased class should fall to about chance, the others
-should stay. ESD is written out here because neither diffusers nor peft ships it; its pieces are theirs.
+as it (:func:`online_aug.sdtrain.edit_quality.per_target_rates`): an erased class should fall to about chance, the
+others should stay. ESD is written out here because neither diffusers nor peft ships it; its pieces are theirs.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from online_aug.config import ConfigError
-from online_aug.edit_quality import per_target_rates
 from online_aug.generator.finetuned import LORA_TARGETS, apply_lora, base_identity, save_lora, write_manifest
 from online_aug.generator.loading import SDComponents, load_sd
 from online_aug.generator.prompts import render_prompt
 from online_aug.generator.sdedit import SDEditGenerator
 from online_aug.rng import step_rng
+from online_aug.sdtrain.edit_quality import per_target_rates
 
 ESDMethod = Literal["esd-x", "esd-u"]
 RECORD = "erasure.json"
@@ -254,6 +254,7 @@ def measure_erasure(base: SDComponents, erased: SDComponents, prompts: list[str]
         "other_target_rate": {"base": mean("base", kept), "erased": mean("erased", kept)},
         "edits": f"{per_class} per target class, sources of other classes, few-step K=4 DDIM, s={strength}, "
                  f"CFG {guidance_scale}", "seed": seed,
+        # the judge's label as the committed reports/erasure/ records spell it (the module moved, the judge did not)
         "judge": f"LogisticRegression(class_weight=balanced) on {res}x{res} grayscale pixels (online_aug.edit_quality)",
     }
 

@@ -1,6 +1,6 @@
-"""The pieces of Stable-Diffusion training that the tiny-SD builder (:mod:`online_aug.tiny_sd`) and the fine-tuning
-of learned tokens / LoRA (:mod:`online_aug.finetune`) share: which images a batch draws, latents sampled from the VAE
-posterior, and the denoising loss; and the image stream of fine-tuning (:class:`StreamedImages`,
+"""The pieces of Stable-Diffusion training that the tiny-SD builder (:mod:`online_aug.sdtrain.tiny_sd`) and the
+fine-tuning of learned tokens / LoRA (:mod:`online_aug.sdtrain.finetune`) share: which images a batch draws, latents
+sampled from the VAE posterior, and the denoising loss; and the image stream of fine-tuning (:class:`StreamedImages`,
 :class:`StepBatchSampler`): each step decodes only its batch from the original files, at the generator's resolution.
 
 The noising step is the diffusers training recipe (``examples/text_to_image/train_text_to_image.py``): a

@@ -170,7 +170,7 @@ def class_diversity(
     ``real_spread``, the mean pairwise distance of real images of c (``reference``, e.g. the generator pool, else
     ``images``; None below 2 images). A generator that learned a 1-image class by heart has a spread far below the
     class's real spread."""
-    from .augment import NearDuplicateGuard
+    from online_aug.augment import NearDuplicateGuard
 
     feat, size = NearDuplicateGuard.features, NearDuplicateGuard.SIZE
     res = int(components.unet.config.sample_size) * components.vae_scale_factor

@@ -19,7 +19,7 @@ Training sees only the part of the split it is given (``splits.train``; the buil
 the generator pool, never a test image): prompts name the class with the template, and 10% of them are dropped to
 the empty prompt so classifier-free guidance works. Classes are sampled uniformly (not by frequency) because the
 generator's job is to draw tail classes on request. The denoising loss, noising and schedules are
-:mod:`online_aug.sd_training`'s and :mod:`online_aug.schedules`', shared with fine-tuning.
+:mod:`online_aug.sdtrain.sd_training`'s and :mod:`online_aug.schedules`', shared with fine-tuning.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from online_aug.config import Config
 from online_aug.data import Splits, seen_record
 from online_aug.generator.prompts import class_prompts, resolve_class_names
 from online_aug.schedules import warmup_cosine
-from online_aug.sd_training import class_uniform_weights, denoising_loss, sample_latents, training_scheduler
+from online_aug.sdtrain.sd_training import class_uniform_weights, denoising_loss, sample_latents, training_scheduler
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 16  # prompts here are ~7 tokens; a short context keeps cross-attention cheap
