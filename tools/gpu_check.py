@@ -8,7 +8,7 @@ H100; JSON and a markdown table under ``reports/gpu/``. Without CUDA it says so 
 3. A profiler trace of 8 of those steps: no ``cudaDeviceSynchronize``, and the kernels of the producer's and the
    trainer's streams interleave (time they overlap, stream switches).
 4. Benchmarks side by side: the few-step generator on SD 1.5's architecture (random weights, built in code:
-   online_aug/sd15.py) at 512 and 256 px, K = 1, 2, 4, batch 32, eager vs CUDA graph; diffusers'
+   online_aug/sdtrain/sd15.py) at 512 and 256 px, K = 1, 2, 4, batch 32, eager vs CUDA graph; diffusers'
    StableDiffusionImg2ImgPipeline at the papers' 25 steps on the same model; training images/s of ResNet-50 at
    224 px plain vs online (prefetch, sync) at alpha 0.1 and 0.25 with the 256 px K = 2 generator (tools/bench.py's
    bench_training); overlap efficiency step_time / max(T_train, T_gen) and the stall fraction.
@@ -225,7 +225,7 @@ def _bench_size(px: int, ks, batch: int, repeats: int, budget: Budget | None, re
     from online_aug.generator import SDEditGenerator
     from online_aug.generator.graphs import apply_speed_options
     from online_aug.generator.loading import SDComponents
-    from online_aug.sd15 import sd15_components
+    from online_aug.sdtrain.sd15 import sd15_components
 
     dev, dt = DEVICE, DTYPE
     out: dict[str, Any] = {}
@@ -276,7 +276,7 @@ def bench_train(alphas=(0.1, 0.25), steps: int = 20, budget: Budget | None = Non
     """ResNet-50 at 224 px: plain vs online (prefetch, sync) with the 256 px K = 2 SD-1.5-architecture generator."""
     from bench import bench_training
 
-    from online_aug.sd15 import save_sd15
+    from online_aug.sdtrain.sd15 import save_sd15
 
     folder = WORK / f"sd15-{sample_size}"
     if not (folder / "unet").is_dir():
