@@ -1,8 +1,8 @@
 """One augmentation step: plan (policy) → edit (generator) → guard/filter → merge into the batch.
 
-:class:`Augmenter` is the ``augment(images, labels, step) -> Batch`` callable that the background producer
+:class:`Augmenter` is the ``augment(images, labels, micro_step) -> Batch`` callable that the background producer
 (:mod:`online_aug.prefetch`) runs for every micro-batch, and that the synchronous path (``aug.prefetch=false``,
-:mod:`online_aug.sources`) runs inside the training step; both give the same batch for the same (seed, rank, step).
+:mod:`online_aug.sources`) runs inside the training step; both give the same batch for the same (seed, rank, micro-step).
 
 Reuse (``aug.reuse = k``): edit slot ``j`` of micro-step ``i`` is generated when ``(i + j) % k == 0`` and otherwise
 takes the edit generated in slot ``j`` of step ``i - (i + j) % k`` (image, soft label and target as they were made),
@@ -24,6 +24,7 @@ import torch
 from .batches import Batch, no_edit_stats
 from .class_stats import SnapshotBoard
 from .config import Config
+from .duplicates import NearDuplicateGuard
 from .policy import AugPolicy, read_label_rates
 from .rng import step_rng
 
@@ -32,32 +33,6 @@ NONFINITE_WINDOW, NONFINITE_WARN = 64, 0.05  # edits per window; share of non-fi
 GUARD_PER_CLASS = 16  # images per class in the near-duplicate bank: enough to flag copies, cheap to load
 
 EditFilter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class NearDuplicateGuard:
-    """Flags a memorising generator: the RMS distance of an edit to its nearest training image of the target class,
-    in a small feature space (8x8 grayscale in [0, 1]); a near-copy has distance ~0. The bank keeps at most
-    ``per_class`` images of each class."""
-
-    SIZE = 8
-
-    def __init__(self, images_by_class: list[torch.Tensor], threshold: float, device: torch.device):
-        self.bank = [self.features(x.to(device)) for x in images_by_class]
-        self.threshold = threshold
-
-    @classmethod
-    def features(cls, x: torch.Tensor) -> torch.Tensor:
-        g = x.float().mean(1, keepdim=True)
-        return torch.nn.functional.adaptive_avg_pool2d(g, cls.SIZE).flatten(1)
-
-    def __call__(self, edited: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        f = self.features(edited)
-        out = torch.empty(len(f), device=f.device)
-        for c in target.unique().tolist():  # the producer's thread: a sync here costs the trainer nothing
-            rows = target == c
-            d = torch.cdist(f[rows], self.bank[c]) / self.SIZE  # L2 over 64 pixels / 8 = RMS distance
-            out[rows] = d.min(1).values
-        return out
 
 
 class Augmenter:
@@ -83,15 +58,15 @@ class Augmenter:
         self._nonfinite = [0, 0]  # (non-finite edits, edits) in the current window of NONFINITE_WINDOW edits
         self.nonfinite_warned = False
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int,
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, micro_step: int,
                  masks: torch.Tensor | None = None, geom: torch.Tensor | None = None) -> Batch:
-        """``images`` [B,3,H,W] in [0,1] on ``self.device``; ``labels`` [B] on the CPU; ``step`` the micro-step;
+        """``images`` [B,3,H,W] in [0,1] on ``self.device``; ``labels`` [B] on the CPU; ``micro_step`` the micro-micro_step;
         ``masks`` [B,1,H,W] object masks from the loader (aug.mask_mode), handed to the generator with the edits;
         ``geom`` [B,6] (CPU) where each view came from in its stored image (aug.edit_source=full): the edits then
         start from the stored images at the generator's resolution and are resized to the view's size."""
         t0 = time.perf_counter()
-        rng = step_rng(self.seed, self.rank, step)
-        snapshot = self.board.for_step(step) if self.board is not None else None
+        rng = step_rng(self.seed, self.rank, micro_step)
+        snapshot = self.board.for_step(micro_step) if self.board is not None else None
         plan = self.policy.plan(labels, rng, snapshot)
         targets = plan.soft_label.to(self.device, non_blocking=True)
         b, m = len(labels), plan.num_edits
@@ -99,11 +74,11 @@ class Augmenter:
         examples = None
         edit_target = torch.full((b,), -1, dtype=torch.long)  # -1: a real row (the trainer's statistics use it)
         if m:
-            noise_rng = torch.Generator(device=self.device)  # the SDEdit noise, seeded from this step's rng
+            noise_rng = torch.Generator(device=self.device)  # the SDEdit noise, seeded from this micro-step's rng
             noise_rng.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
             idx = plan.index.to(self.device)
             src = images[idx]
-            fresh = self._fresh_slots(step, m)  # [M] bool: generated now; the other slots reuse the ring's edits
+            fresh = self._fresh_slots(micro_step, m)  # [M] bool: generated now; the other slots reuse the ring's edits
             fi = fresh.nonzero().flatten()
             f_dev = fi.to(self.device)
             f_src, f_strength, f_target = src[f_dev], plan.strength[fi], plan.target[fi]
@@ -134,7 +109,7 @@ class Augmenter:
             ok = torch.zeros(m, dtype=torch.bool, device=self.device)
             ok[f_dev] = keep
             if self.reuse > 1:
-                self._reuse(step, fresh, out, soft, slot_target, ok)
+                self._reuse(micro_step, fresh, out, soft, slot_target, ok)
             hard = torch.nn.functional.one_hot(plan.source.to(self.device), self.num_classes).float()
             images = images.clone()
             images[idx] = out
@@ -151,10 +126,10 @@ class Augmenter:
                 dist = self.dup_guard(edited[keep], f_target.to(self.device)[keep])
                 stats["aug/nn_dist"] = float(dist.mean())
                 stats["aug/near_dup"] = float((dist < self.dup_guard.threshold).float().mean())
-            if self.example_every and step % self.example_every == 0 and len(fi):
+            if self.example_every and micro_step % self.example_every == 0 and len(fi):
                 examples = self._examples(f_src, edited, plan.source[fi], f_target, f_strength, targets[idx][f_dev])
         stats["aug/gen_ms"] = 1000 * (time.perf_counter() - t0)
-        return Batch(images=images, targets=targets, labels=labels, step=step, stats=stats, examples=examples,
+        return Batch(images=images, targets=targets, labels=labels, micro_step=micro_step, stats=stats, examples=examples,
                      edit_target=edit_target.to(self.device, non_blocking=True))
 
     def _watch_nonfinite(self, bad: int, m: int) -> None:
@@ -172,35 +147,35 @@ class Augmenter:
                   f"fp32", file=sys.stderr, flush=True)
         w[0] = w[1] = 0
 
-    def _fresh_slots(self, step: int, m: int) -> torch.Tensor:
-        """[M] bool (CPU): the edit slots generated at ``step``; with reuse k, slot j is fresh when (step + j) % k is
-        0, or when the step it would reuse lies before step 0."""
+    def _fresh_slots(self, micro_step: int, m: int) -> torch.Tensor:
+        """[M] bool (CPU): the edit slots generated at ``micro_step``; with reuse k, slot j is fresh when (micro_step + j) % k is
+        0, or when the micro_step it would reuse lies before micro_step 0."""
         if self.reuse == 1:
             return torch.ones(m, dtype=torch.bool)
-        lag = (step + torch.arange(m)) % self.reuse
-        return (lag == 0) | (step - lag < 0)
+        lag = (micro_step + torch.arange(m)) % self.reuse
+        return (lag == 0) | (micro_step - lag < 0)
 
-    def _reuse(self, step: int, fresh: torch.Tensor, out: torch.Tensor, soft: torch.Tensor, slot_target: torch.Tensor,
+    def _reuse(self, micro_step: int, fresh: torch.Tensor, out: torch.Tensor, soft: torch.Tensor, slot_target: torch.Tensor,
                ok: torch.Tensor) -> None:
-        """Fill the reused slots from the ring and put this step's new ring edits in (in place); drop the edits
-        whose k uses are over. A slot whose edit the ring lacks (a step trained on a real batch under
+        """Fill the reused slots from the ring and put this micro-step's new ring edits in (in place); drop the edits
+        whose k uses are over. A slot whose edit the ring lacks (a micro-step trained on a real batch under
         ``aug.starvation=real``) trains as its real image."""
         k, m = self.reuse, len(fresh)
-        lag = (step + torch.arange(m)) % k
+        lag = (micro_step + torch.arange(m)) % k
         for j in (~fresh).nonzero().flatten().tolist():
-            made = self._ring.get((step - int(lag[j]), j))
+            made = self._ring.get((micro_step - int(lag[j]), j))
             if made is None:
                 ok[j] = False
                 continue
             out[j], soft[j], slot_target[j], ok[j] = made
         for j in (fresh & (lag == 0)).nonzero().flatten().tolist():
-            self._ring[(step, j)] = (out[j].clone(), soft[j].clone(), slot_target[j].clone(), ok[j].clone())
-        for key in [key for key in self._ring if key[0] <= step - k + 1]:
+            self._ring[(micro_step, j)] = (out[j].clone(), soft[j].clone(), slot_target[j].clone(), ok[j].clone())
+        for key in [key for key in self._ring if key[0] <= micro_step - k + 1]:
             del self._ring[key]
 
     def _screen(self, edited: torch.Tensor, keep: torch.Tensor, src: torch.Tensor, strength: torch.Tensor,
                 target: torch.Tensor, noise_rng: torch.Generator, kw: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """aug.safety_checker: re-sample the flagged edits once (fresh noise from this step's stream); an edit
+        """aug.safety_checker: re-sample the flagged edits once (fresh noise from this micro-step's stream); an edit
         flagged again is dropped (trains as its real image)."""
         flagged = self.safety(edited) & keep
         stats = {"aug/unsafe_resampled": float(flagged.sum()), "aug/unsafe_dropped": 0.0}

@@ -65,7 +65,7 @@ class Batch:
     images: torch.Tensor  # [B, 3, H, W] in [0, 1], on the training device
     targets: torch.Tensor  # [B, C] soft labels, on the training device
     labels: torch.Tensor  # [B] the real (source) classes, on CPU
-    step: int  # the micro-step this batch belongs to
+    micro_step: int  # the micro-step this batch belongs to (optimizer step = micro_step // accumulation)
     stats: dict[str, float]  # aug/* scalars of this batch
     examples: dict | None = None  # source/edited examples for the image grid, when due
     ready: object | None = None  # a CUDA event the consumer waits on before touching the tensors
@@ -115,12 +115,12 @@ class KeyedBatchSampler(Sampler[list[tuple[int, int]]]):
         return 2**62
 
 
-def real_batch(x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int, device: torch.device,
+def real_batch(x: torch.Tensor, y: torch.Tensor, micro_step: int, num_classes: int, device: torch.device,
                stats: dict[str, float] | None = None) -> Batch:
     """A real micro-batch with one-hot targets on ``device``. The one-hot is built on the device from the (pinned,
     on CUDA) labels: a one-hot made on the host would be a pageable copy, which synchronises the trainer's stream."""
     return Batch(images=x.to(device, non_blocking=True), targets=one_hot_on(y, num_classes, device),
-                 labels=y, step=step, stats={} if stats is None else stats)
+                 labels=y, micro_step=micro_step, stats={} if stats is None else stats)
 
 
 def one_hot_on(y: torch.Tensor, num_classes: int, device: torch.device) -> torch.Tensor:

@@ -32,7 +32,7 @@ _POLL_S = 0.05
 class Snapshot:
     """Per-class statistics at a boundary (CPU tensors). EMAs over snapshots; classes never seen keep the prior."""
 
-    step: int  # the micro-step after which it was published (-1: the prior, before any statistics)
+    micro_step: int  # the micro-step after which it was published (-1: the prior, before any statistics)
     loss: torch.Tensor  # [C] EMA cross-entropy on real samples
     acc: torch.Tensor  # [C] EMA accuracy on real samples (the classifier's per-class recall)
     confusion: torch.Tensor  # [C, C] EMA of row-normalised confusion counts (row: true class, column: predicted)
@@ -41,11 +41,20 @@ class Snapshot:
     @staticmethod
     def prior(num_classes: int) -> Snapshot:
         c = num_classes
-        return Snapshot(step=-1, loss=torch.zeros(c), acc=torch.full((c,), 0.5), confusion=torch.eye(c),
+        return Snapshot(micro_step=-1, loss=torch.zeros(c), acc=torch.full((c,), 0.5), confusion=torch.eye(c),
                         edit_acc=torch.full((c,), 0.5))
 
+    @staticmethod
+    def from_state(state: dict) -> Snapshot:
+        """A snapshot from :meth:`state_dict`; checkpoints written before the field was named ``micro_step`` call it
+        ``step``."""
+        state = dict(state)
+        if "step" in state:
+            state["micro_step"] = state.pop("step")
+        return Snapshot(**state)
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "loss": self.loss, "acc": self.acc, "confusion": self.confusion,
+        return {"micro_step": self.micro_step, "loss": self.loss, "acc": self.acc, "confusion": self.confusion,
                 "edit_acc": self.edit_acc}
 
 
@@ -89,7 +98,7 @@ class ClassStats:
         conf.index_put_((labels, pred), real, accumulate=True)
 
     @torch.no_grad()
-    def publish(self, step: int) -> Snapshot:
+    def publish(self, micro_step: int) -> Snapshot:
         """All-reduce the interval's sums (multi-rank), fold them into the EMAs, reset; one host sync."""
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.sums)
@@ -103,7 +112,7 @@ class ClassStats:
             return torch.where(m, b * old + (1 - b) * new.float(), old)
 
         rows = conf / conf.sum(1, keepdim=True).clamp(min=1)
-        self.snapshot = Snapshot(step=step, loss=fold(prev.loss, loss_sum / n, seen),
+        self.snapshot = Snapshot(micro_step=micro_step, loss=fold(prev.loss, loss_sum / n, seen),
                                  acc=fold(prev.acc, correct / n, seen), confusion=fold(prev.confusion, rows, seen),
                                  edit_acc=fold(prev.edit_acc, edit_hit / en, eseen))
         self.sums.zero_()
@@ -117,13 +126,13 @@ class ClassStats:
             raise ConfigError(f"aug.adaptive: the checkpoint's statistics have {state['num_classes']} classes, this "
                              f"run has {self.c}; resume with the same data or start a new run")
         self.sums.copy_(state["sums"].to(self.device))
-        self.snapshot = Snapshot(**state["snapshot"])
+        self.snapshot = Snapshot.from_state(state["snapshot"])
 
 
-def required_boundary(step: int, every: int, lag: int) -> int:
-    """The publication micro-step whose snapshot plans micro-step ``step``: the last m = j*every - 1 (j >= 1) with
-    m <= step - lag, or -1 (the prior) when there is none yet. ``every`` is in micro-steps."""
-    j = (step - lag + 1) // every
+def required_boundary(micro_step: int, every: int, lag: int) -> int:
+    """The publication micro-step whose snapshot plans micro-step ``micro_step``: the last m = j*every - 1 (j >= 1) with
+    m <= micro_step - lag, or -1 (the prior) when there is none yet. ``every`` is in micro-steps."""
+    j = (micro_step - lag + 1) // every
     return j * every - 1 if j >= 1 else -1
 
 
@@ -138,19 +147,19 @@ class SnapshotBoard:
 
     def put(self, snap: Snapshot) -> None:
         with self._cond:
-            self._snaps[snap.step] = snap
+            self._snaps[snap.micro_step] = snap
             for k in sorted(self._snaps)[:-self.keep]:
                 if k != -1:
                     del self._snaps[k]
             self._cond.notify_all()
 
-    def for_step(self, step: int, timeout: float | None = None) -> Snapshot:
-        """The snapshot that plans micro-step ``step``; waits until the trainer has published it."""
-        want = required_boundary(step, self.every, self.lag)
+    def for_step(self, micro_step: int, timeout: float | None = None) -> Snapshot:
+        """The snapshot that plans micro-step ``micro_step``; waits until the trainer has published it."""
+        want = required_boundary(micro_step, self.every, self.lag)
         with self._cond:
             while want not in self._snaps:
                 if self._closed:
-                    raise RuntimeError(f"snapshot board closed while micro-step {step} waited for boundary {want}")
+                    raise RuntimeError(f"snapshot board closed while micro-step {micro_step} waited for boundary {want}")
                 if want < max(self._snaps):
                     raise RuntimeError(f"snapshot of micro-step {want} was pruned (board keeps {self.keep})")
                 if not self._cond.wait(timeout=_POLL_S if timeout is None else timeout) and timeout is not None:
@@ -169,5 +178,5 @@ class SnapshotBoard:
 
     def load_state_dict(self, state: dict) -> None:
         with self._cond:
-            self._snaps = {int(k): Snapshot(**v) for k, v in state.items()}
+            self._snaps = {int(k): Snapshot.from_state(v) for k, v in state.items()}
             self._cond.notify_all()

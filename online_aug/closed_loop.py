@@ -32,9 +32,9 @@ class ClosedLoop:
     def observe(self, logits: torch.Tensor, batch: Batch) -> dict[str, float] | None:
         """Accumulate (no sync); at a boundary publish the snapshot and return its TensorBoard scalars."""
         self.stats.update(logits, batch.labels, batch.edit_target)
-        if (batch.step + 1) % self.every:
+        if (batch.micro_step + 1) % self.every:
             return None
-        snap = self.stats.publish(batch.step)
+        snap = self.stats.publish(batch.micro_step)
         self.board.put(snap)
         return self.scalars(snap)
 

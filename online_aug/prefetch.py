@@ -82,7 +82,7 @@ class Prefetcher:
     def __init__(self, loader, augment: Callable[[torch.Tensor, torch.Tensor, int], Batch], device: torch.device,
                  depth: int = 2, starvation: str = "wait", start: int = 0, num_classes: int | None = None,
                  timeout_s: float | None = None, on_fault: str = "raise"):
-        """``augment(images, labels, step) -> Batch`` (an :class:`~online_aug.augment.Augmenter`, which carries its
+        """``augment(images, labels, micro_step) -> Batch`` (an :class:`~online_aug.augment.Augmenter`, which carries its
         ``num_classes``; a plain callable passes ``num_classes``, needed for the one-hot 'real' fallback).
         ``timeout_s``: longest producer step before it counts as hung (None: no limit); ``on_fault``: raise | real."""
         self.timeout_s, self.on_fault = timeout_s, on_fault
@@ -153,7 +153,7 @@ class Prefetcher:
     def __next__(self) -> Batch:
         if self._held is not None:
             raise RuntimeError(
-                f"Prefetcher: the batch of micro-step {self._held.step} was not released before next(); its ring "
+                f"Prefetcher: the batch of micro-step {self._held.micro_step} was not released before next(); its ring "
                 f"slot would be overwritten while still in use. Call release(batch) once its last use is queued")
         t0 = time.perf_counter()
         depth = self._queue.qsize()

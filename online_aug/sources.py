@@ -45,12 +45,12 @@ class RealSource:
     """Real micro-batches with one-hot targets (the baseline, and the fallback when α = 0)."""
 
     def __init__(self, loader, device: torch.device, num_classes: int, start: int):
-        self.it, self.device, self.num_classes, self.step = iter(loader), device, num_classes, start
+        self.it, self.device, self.num_classes, self.micro_step = iter(loader), device, num_classes, start
 
     def __next__(self) -> Batch:
         x, y = next(self.it)[:2]
-        b = real_batch(x, y, self.step, self.num_classes, self.device)
-        self.step += 1
+        b = real_batch(x, y, self.micro_step, self.num_classes, self.device)
+        self.micro_step += 1
         return b
 
     def release(self, batch: Batch) -> None: ...
@@ -63,15 +63,15 @@ class SyncAugmentedSource:
 
     def __init__(self, loader, augment: Callable[[torch.Tensor, torch.Tensor, int], Batch], device: torch.device,
                  start: int):
-        self.it, self.augment, self.device, self.step = iter(loader), augment, device, start
+        self.it, self.augment, self.device, self.micro_step = iter(loader), augment, device, start
 
     def __next__(self) -> Batch:
         x, y, *rest = next(self.it)  # rest: what travels to the generator (masks, the view's geometry)
         t0 = time.perf_counter()
-        batch = self.augment(x.to(self.device, non_blocking=True), y, self.step, **loader_extras(rest, self.device))
+        batch = self.augment(x.to(self.device, non_blocking=True), y, self.micro_step, **loader_extras(rest, self.device))
         batch.stats["aug/stall_ms"] = 1000 * (time.perf_counter() - t0)  # the trainer waited for all of it
         batch.stats["aug/queue_depth"] = 0.0
-        self.step += 1
+        self.micro_step += 1
         return batch
 
     def release(self, batch: Batch) -> None: ...
@@ -94,7 +94,7 @@ class CMOSource:
 
         batch = next(self.inner)
         xm, ym = next(self.it)[:2]  # drawn every step, used or not, so the minority stream stays aligned with the steps
-        rng = np.random.default_rng([self.seed, batch.step, 2])
+        rng = np.random.default_rng([self.seed, batch.micro_step, 2])
         if rng.random() >= self.prob:
             return batch
         streams.wait(batch.images.device, batch.ready)  # the producer's stream wrote these tensors: order after it
@@ -120,9 +120,9 @@ def _rebuild_reuse_ring(augment: Callable[..., Batch], cfg: Config, splits, devi
     first = max(0, start - (cfg.aug.reuse - 1))
     it = iter(real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed, start=first,
                           num_workers=cfg.data.num_workers, sampler=cfg.data.sampler))
-    for step in range(first, start):
+    for micro_step in range(first, start):
         x, y, *rest = next(it)
-        augment(x.to(device), y, step, **loader_extras(rest, device))
+        augment(x.to(device), y, micro_step, **loader_extras(rest, device))
 
 
 def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, world: int, micro_bs: int,

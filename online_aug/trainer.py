@@ -262,14 +262,14 @@ class Trainer:
         if self.guard is not None:
             self.guard.before_forward()
         logits = self.engine(x.to(self.dtype))
-        loss = soft_cross_entropy(logits, y, self.class_weight(batch.step // self.accum))
+        loss = soft_cross_entropy(logits, y, self.class_weight(batch.micro_step // self.accum))
         if self.guard is not None and self.guard.every > 1:
             self.guard.observe(loss)  # on the device; read every train.guard_every steps (_poll_guard)
         elif self.guard is not None and self.guard.check(loss):  # one host read of the loss; agreed by every rank
             self._skip(batch, x)
             return None
         if self.loop is not None and (values := self.loop.observe(logits, batch)):
-            self.monitor.scalars(batch.step // self.accum + 1, values)
+            self.monitor.scalars(batch.micro_step // self.accum + 1, values)
         self.engine.backward(loss)
         self.engine.step()
         self.source.release(batch)  # its buffers may be refilled once the work queued above is done
@@ -288,7 +288,7 @@ class Trainer:
             self.engine.step()
             g.restore()  # the blank forward moved BatchNorm statistics too
         self.source.release(batch)
-        step = batch.step // self.accum + 1
+        step = batch.micro_step // self.accum + 1
         self.monitor.scalars(step, {"train/skipped_steps": float(g.skipped)})
         self.monitor.print(f"step {step}: loss {g.last_bad:.4g} is not finite or above train.max_loss: skipped "
                            f"({g.in_a_row} in a row, {g.skipped} in all)")

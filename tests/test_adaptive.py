@@ -61,7 +61,7 @@ def test_statistics_match_a_direct_computation() -> None:
     # two micro-batches in one interval accumulate like one
     stats.update(logits[:40], labels[:40], et[:40])
     stats.update(logits[40:], labels[40:], et[40:])
-    snap = stats.publish(step=9)
+    snap = stats.publish(micro_step=9)
     acc, loss, conf, edit_acc = _direct(logits, labels, et, c)
     seen = ~torch.isnan(acc)
     assert torch.allclose(snap.acc[seen], acc[seen], atol=1e-6)
@@ -69,7 +69,7 @@ def test_statistics_match_a_direct_computation() -> None:
     assert torch.allclose(snap.confusion[seen], conf[seen], atol=1e-6)
     eseen = ~torch.isnan(edit_acc)
     assert torch.allclose(snap.edit_acc[eseen], edit_acc[eseen], atol=1e-6)
-    assert snap.step == 9 and float(stats.sums.abs().sum()) == 0  # reset for the next interval
+    assert snap.micro_step == 9 and float(stats.sums.abs().sum()) == 0  # reset for the next interval
 
 
 def test_ema_folds_intervals_and_unseen_classes_keep_their_value() -> None:
@@ -133,7 +133,7 @@ def test_adaptive_plan_draws_targets_from_the_snapshot() -> None:
                     adaptive_floor=0.0, adaptive_pairs=0.0)
     policy = AugPolicy(cfg, 4, [10, 10, 10, 10])
     snap = Snapshot.prior(4)
-    snap = Snapshot(step=0, loss=snap.loss, acc=torch.tensor([1.0, 1.0, 1.0, 0.0]), confusion=snap.confusion,
+    snap = Snapshot(micro_step=0, loss=snap.loss, acc=torch.tensor([1.0, 1.0, 1.0, 0.0]), confusion=snap.confusion,
                     edit_acc=snap.edit_acc)
     labels = torch.randint(4, (4000,), generator=torch.Generator().manual_seed(0))
     plan = policy.plan(labels, torch.Generator().manual_seed(1), snap)
@@ -157,11 +157,11 @@ def test_required_boundary_is_a_function_of_the_step() -> None:
 
 def test_board_waits_for_the_trainer_and_close_wakes_it() -> None:
     board = SnapshotBoard(3, every=2, lag=1)
-    assert board.for_step(1).step == -1
+    assert board.for_step(1).micro_step == -1
     with pytest.raises(TimeoutError):
         board.for_step(2, timeout=0.05)  # needs the snapshot of micro-step 1
     board.put(Snapshot(1, torch.zeros(3), torch.ones(3), torch.eye(3), torch.ones(3)))
-    assert board.for_step(2).step == 1
+    assert board.for_step(2).micro_step == 1
     board.close()
     with pytest.raises(RuntimeError, match="closed"):
         board.for_step(10)
@@ -181,8 +181,8 @@ def _drive(source, stats: ClassStats, board: SnapshotBoard, steps: int, every: i
         b = next(source)
         logits = b.images.mean(dim=(2, 3))[:, :1] * torch.arange(1, 5.0)  # depends on the (augmented) images
         stats.update(logits, b.labels, b.edit_target)
-        if (b.step + 1) % every == 0:
-            board.put(stats.publish(b.step))
+        if (b.micro_step + 1) % every == 0:
+            board.put(stats.publish(b.micro_step))
         out.append(b)
         source.release(b)
     return out

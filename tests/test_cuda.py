@@ -64,7 +64,7 @@ def _ring_augment(dev, num_classes=4):
         torch.cuda._sleep(SLEEP)  # the write lands late on the producer's stream
         x = torch.full((len(labels), 3, 64, 64), float(step), device=dev)
         y = torch.full((len(labels), num_classes), float(step), device=dev)
-        return Batch(images=x, targets=y, labels=labels, step=step, stats={})
+        return Batch(images=x, targets=y, labels=labels, micro_step=step, stats={})
 
     return augment
 
@@ -84,7 +84,7 @@ def test_ring_stress_every_element_is_the_step_it_claims(depth):
         for i in range(60):
             b = next(pre)
             torch.cuda._sleep(SLEEP * (3 if i % 3 == 0 else 0) + 1000)  # the trainer's work before reading
-            wrong += (b.images != b.step).sum() + (b.targets != b.step).sum()
+            wrong += (b.images != b.micro_step).sum() + (b.targets != b.micro_step).sum()
             pre.release(b)
         held = next(pre)
         with pytest.raises(RuntimeError, match="not released"):

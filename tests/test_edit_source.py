@@ -123,7 +123,7 @@ def test_augmenter_edits_the_full_resolution_source_and_returns_the_views_size(p
     gen = RecordingGenerator()
     aug = Augmenter(AugPolicy(AugConfig(alpha=0.5, target_mode="intra", strengths=[0.9]), 2), gen, CPU, seed=0,
                     rank=0, class_names=["cat", "dog"], source_reader=EditSourceReader(ds, GEN))
-    batch = aug(x, y, step=0, geom=extras["geom"])
+    batch = aug(x, y, micro_step=0, geom=extras["geom"])
     (src,) = gen.inputs
     rows = (batch.edit_target >= 0).nonzero().flatten()
     assert len(rows) == 4 and src.shape == (4, 3, GEN, GEN)
@@ -135,7 +135,7 @@ def test_augmenter_edits_the_full_resolution_source_and_returns_the_views_size(p
     real[rows] = False
     assert torch.equal(batch.images[real], x[real])
     gen.inputs.clear()
-    aug(x, y, step=0)  # no geometry from the loader: the view is the source
+    aug(x, y, micro_step=0)  # no geometry from the loader: the view is the source
     assert gen.inputs[0].shape == (4, 3, VIEW, VIEW)
 
 

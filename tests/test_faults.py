@@ -126,7 +126,7 @@ def test_on_fault_real_goes_on_with_real_batches_after_a_hang() -> None:
     assert isinstance(pre.fault, ProducerTimeout)
     assert [b.stats.get("aug/producer_fault", 0.0) for b in batches[:2]] == [0.0, 0.0]  # edits made before it
     assert all(b.stats["aug/producer_fault"] == 1.0 and b.stats["aug/effective_alpha"] == 0.0 for b in batches[3:])
-    steps = [b.step for b in batches]
+    steps = [b.micro_step for b in batches]
     assert len(set(steps)) == len(steps) and 2 not in steps  # step 2 went to the hung producer
 
 

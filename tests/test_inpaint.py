@@ -142,7 +142,7 @@ def test_threshold_mask_travels_with_the_image_to_the_generator():
                     inpaint="blend")
     gen = SDEditGenerator(_components(), PROMPTS, mask_mode="foreground", mask_dilate=0, inpaint="blend", steps=2)
     aug = Augmenter(AugPolicy(cfg, 2), gen, torch.device("cpu"), seed=0, rank=0, class_names=["zero", "one"])
-    batch = aug(x, y, step=0, masks=m)
+    batch = aug(x, y, micro_step=0, masks=m)
     edited_rows = batch.edit_target >= 0
     assert edited_rows.sum() == 2
     keep = (m == 0).expand_as(x)

@@ -68,7 +68,7 @@ def test_prefetcher_equals_synchronous_path():
     try:
         for _ in range(6):
             a, b = next(sync), next(pre)
-            assert a.step == b.step
+            assert a.micro_step == b.micro_step
             assert torch.equal(a.images, b.images)
             assert torch.equal(a.targets, b.targets)
             assert torch.equal(a.labels, b.labels)
@@ -84,7 +84,7 @@ def test_resume_continues_the_same_stream():
     batches = [next(full) for _ in range(5)]
     resumed = SyncAugmentedSource(_loader(start=3), _augmenter(FakeGenerator()), CPU, start=3)
     b3 = next(resumed)
-    assert b3.step == 3 and torch.equal(b3.images, batches[3].images) and torch.equal(b3.targets, batches[3].targets)
+    assert b3.micro_step == 3 and torch.equal(b3.images, batches[3].images) and torch.equal(b3.targets, batches[3].targets)
 
 
 def test_producer_exception_reaches_main_thread_quickly():
@@ -110,7 +110,7 @@ def test_real_starvation_keeps_training_with_lower_effective_alpha():
     eff = sum(b.stats["aug/effective_alpha"] for b in batches) / len(batches)
     assert eff < 0.5
     assert elapsed < 8 * 0.3  # did not wait for the slow generator on every batch
-    steps = [b.step for b in batches]
+    steps = [b.micro_step for b in batches]
     assert len(set(steps)) == len(steps)  # every real batch is used once
 
 
@@ -121,7 +121,7 @@ def test_wait_starvation_keeps_alpha_exact():
     finally:
         pre.close()
     assert all(b.stats["aug/effective_alpha"] == 0.5 for b in batches)
-    assert [b.step for b in batches] == [0, 1, 2, 3]
+    assert [b.micro_step for b in batches] == [0, 1, 2, 3]
 
 
 def test_close_stops_a_blocked_producer_without_hanging():
@@ -137,7 +137,7 @@ def test_close_stops_a_blocked_producer_without_hanging():
 def test_nonfinite_edit_falls_back_to_real_image_and_hard_label():
     aug = _augmenter(FakeGenerator(nonfinite_first=True), alpha=1.0)
     x, y = next(iter(_loader()))
-    b = aug(x, y, step=0)
+    b = aug(x, y, micro_step=0)
     assert b.stats["aug/nonfinite_dropped"] == 1.0
     assert b.stats["aug/effective_alpha"] == 7 / 8
     assert torch.equal(b.images[0], x[0])

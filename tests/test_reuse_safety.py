@@ -73,7 +73,7 @@ def test_resume_with_reuse_is_bit_exact():
     full, _ = _run(3, steps=9)
     resumed, _ = _run(3, steps=9, start=5, rebuild=True)
     for a, b in zip(full[5:], resumed):
-        assert a.step == b.step
+        assert a.micro_step == b.micro_step
         assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
         assert torch.equal(a.edit_target, b.edit_target)
     cold, _ = _run(3, steps=9, start=5)  # without the rebuilt ring the reused slots fall back to real images
@@ -112,23 +112,23 @@ class FlagFirstCalls:
 
 def test_flagged_edits_are_resampled_once_then_fall_back_to_real():
     x, y = next(iter(_loader()))
-    clean = _augmenter(CountingGenerator())(x, y, step=0)
+    clean = _augmenter(CountingGenerator())(x, y, micro_step=0)
     gen = CountingGenerator()
-    once = _augmenter(gen, safety=FlagFirstCalls(1))(x, y, step=0)
+    once = _augmenter(gen, safety=FlagFirstCalls(1))(x, y, micro_step=0)
     assert gen.images == 8 and once.stats["aug/unsafe_resampled"] == 4 and once.stats["aug/unsafe_dropped"] == 0
     assert once.stats["aug/effective_alpha"] == 0.5
     pos = _slots(clean)
     assert not torch.equal(once.images[pos], clean.images[pos])  # the re-sample drew fresh noise
     assert torch.equal(once.targets, clean.targets)  # same plan, same labels
 
-    always = _augmenter(CountingGenerator(), safety=FlagFirstCalls(99))(x, y, step=0)
+    always = _augmenter(CountingGenerator(), safety=FlagFirstCalls(99))(x, y, micro_step=0)
     assert always.stats["aug/unsafe_dropped"] == 4 and always.stats["aug/effective_alpha"] == 0.0
     assert torch.equal(always.images, x)
     assert torch.equal(always.targets, torch.nn.functional.one_hot(y, 4).float())
 
     never = FlagFirstCalls(0)
     gen = CountingGenerator()
-    b = _augmenter(gen, safety=never)(x, y, step=0)
+    b = _augmenter(gen, safety=never)(x, y, micro_step=0)
     assert gen.images == 4 and never.calls == 1 and torch.equal(b.images, clean.images)
 
 

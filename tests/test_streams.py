@@ -137,7 +137,7 @@ def test_holding_two_batches_of_the_ring_is_refused():
         pre = Prefetcher(_loader(), _augmenter(FakeGenerator()), CPU, depth=2)
         try:
             first = next(pre)
-            with pytest.raises(RuntimeError, match=f"micro-step {first.step} was not released"):
+            with pytest.raises(RuntimeError, match=f"micro-step {first.micro_step} was not released"):
                 next(pre)
             pre.release(first)
             pre.release(next(pre))  # released: the next one is fine
