@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from online_aug.config import AugConfig
+from online_aug.duplicates import NearDuplicateGuard
 from online_aug.generator import SDComponents, SDEditGenerator, load_sd, resolve_class_names
 from online_aug.generator.finetuned import apply_finetuned
 from online_aug.generator.prompts import class_prompts
@@ -165,13 +166,11 @@ def class_diversity(
 ) -> dict[str, Any]:
     """Does the generator vary a class or copy it? For every class c: ``per_class`` intra-class edits of c's
     images (cycled) toward c at ``strength``, measured in the near-duplicate guard's feature space (8x8 grayscale,
-    RMS distance; :class:`~online_aug.augment.NearDuplicateGuard`): ``spread``, the mean pairwise distance of the
+    RMS distance; :class:`~online_aug.duplicates.NearDuplicateGuard`): ``spread``, the mean pairwise distance of the
     edits; ``copy_dist``, the mean distance of an edit to its nearest training image of c (~0: a copy); and
     ``real_spread``, the mean pairwise distance of real images of c (``reference``, e.g. the generator pool, else
     ``images``; None below 2 images). A generator that learned a 1-image class by heart has a spread far below the
     class's real spread."""
-    from online_aug.augment import NearDuplicateGuard
-
     feat, size = NearDuplicateGuard.features, NearDuplicateGuard.SIZE
     res = int(components.unet.config.sample_size) * components.vae_scale_factor
     x, y = _resize(images.float(), res), np.asarray(labels)
