@@ -36,7 +36,3 @@ def resolve_dtype(name: str, device: torch.device, key: str = "aug.dtype") -> to
         raise ConfigError(f"{key}={name!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
-
-def looks_like_path(name: str) -> bool:
-    """A hub id is "name" or "owner/name"; anything else ("./x", "/abs", "a/b/c", "~/x") can only be a folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name

@@ -23,14 +23,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from online_aug.config import ConfigError
-from online_aug.devices import looks_like_path, resolve_dtype
+from online_aug.devices import resolve_dtype
+from online_aug.generator.hub import pretrained_source
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, CLIPTokenizer
@@ -143,32 +144,17 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer, tuple[float, ...], t
     """
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from online_aug.generator.loading import hub_offline
-
-    offline = hub_offline()
-    local = Path(name).expanduser()
-    kw: dict[str, Any] = {}
-    if local.is_dir():
-        source = str(local)
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"aug.filter_model={name!r}: the folder has no config.json; save a CLIPModel there with "
-                              f"model.save_pretrained(...) and its tokenizer with tokenizer.save_pretrained(...)")
-    elif looks_like_path(name):
-        raise ConfigError(f"aug.filter_model={name!r}: no such folder; point it at a CLIP folder or a hub id "
-                          f"such as openai/clip-vit-base-patch32, or set aug.filter_fraction=0")
-    else:
-        source = name
-        if offline:
-            kw["local_files_only"] = True
+    src = pretrained_source("aug.filter_model", name, "point aug.filter_model at a CLIP folder or a hub id such as "
+                                                      "openai/clip-vit-base-patch32, or set aug.filter_fraction=0")
+    source, kw = src.path, src.kwargs
+    if src.local and not (Path(source) / "config.json").is_file():
+        raise ConfigError(f"aug.filter_model={name!r}: the folder has no config.json; save a CLIPModel there with "
+                          f"model.save_pretrained(...) and its tokenizer with tokenizer.save_pretrained(...)")
     try:
         model = CLIPModel.from_pretrained(source, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(source, **kw)
     except Exception as e:  # every loader failure becomes one actionable message, chained
-        where = ("HF_HUB_OFFLINE=1, so only the local Hugging Face cache was searched" if offline and not local.is_dir()
-                 else f"{type(e).__name__}: {e}")
-        raise ConfigError(f"aug.filter_model={name!r} cannot be loaded as a CLIP model and tokenizer ({where}). "
-                          f"Download it first (`huggingface-cli download {name}`) on a machine with network access, "
-                          f"point aug.filter_model at a local folder, or set aug.filter_fraction=0.") from e
+        raise src.error("CLIP model and tokenizer", e) from e
     mean, std = CLIP_MEAN, CLIP_STD
     try:
         proc = CLIPImageProcessor.from_pretrained(source, **kw)

@@ -9,7 +9,6 @@ handed to ``deepspeed.initialize``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DCondi
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from online_aug.config import ConfigError
-from online_aug.devices import looks_like_path
+from online_aug.generator.hub import pretrained_source
 from online_aug.generator.preflight import check_unet_class
 
 SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
@@ -40,14 +39,6 @@ class SDComponents:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) read now, not at import, so a test or launcher can set it late."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    return False
 
 
 def _freeze(module: torch.nn.Module, device: torch.device) -> Any:
@@ -78,11 +69,10 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
     Raises:
         ConfigError: naming ``aug.model`` and the missing subfolder (local folder) or the unreachable hub id.
     """
-    offline = hub_offline()
-    local = Path(model).expanduser()
-    kw: dict[str, Any] = {}
-    if local.is_dir():
-        missing = [s for s in SD_SUBFOLDERS if not (local / s).is_dir()]
+    src = pretrained_source("aug.model", model, "point aug.model at a local diffusers folder (the layout "
+                                                "pipeline.save_pretrained writes) or a Hugging Face hub id")
+    if src.local:
+        missing = [s for s in SD_SUBFOLDERS if not (Path(src.path) / s).is_dir()]
         if missing:
             raise ConfigError(
                 f"aug.model={model!r}: the local folder has no {', '.join(m + '/' for m in missing)} subfolder"
@@ -90,18 +80,7 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
                 f"{', '.join(s + '/' for s in SD_SUBFOLDERS)} (as written by pipeline.save_pretrained); complete it "
                 f"or point aug.model at a complete folder."
             )
-        source = str(local)
-    elif looks_like_path(model):
-        raise ConfigError(
-            f"aug.model={model!r}: no such folder ({local.resolve()}). Point aug.model at a local diffusers "
-            f"folder (the layout pipeline.save_pretrained writes) or at a Hugging Face hub id."
-        )
-    else:
-        source = model
-        if offline:
-            # huggingface_hub reads HF_HUB_OFFLINE at import; asking for the local cache only honours a late setting.
-            kw["local_files_only"] = True
-
+    source, kw = src.path, src.kwargs
     part = "unet"
     try:
         check_unet_class(UNet2DConditionModel.load_config(source, subfolder="unet", **kw), model)  # before weights
@@ -119,18 +98,7 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype, taesd: str = "
     except ConfigError:
         raise
     except Exception as e:  # every loader failure becomes one actionable message, chained
-        if source == model and not local.is_dir():
-            how = "HF_HUB_OFFLINE=1, so only the local Hugging Face cache was searched" if offline else \
-                "the hub could not be reached or has no such model"
-            raise ConfigError(
-                f"aug.model={model!r} is not a local folder (no {local.resolve()}) and could not be loaded as a "
-                f"Hugging Face hub id "
-                f"({how}; {type(e).__name__} while loading {part}/). Download it first, e.g. "
-                f"`huggingface-cli download {model}` on a machine with network access, or point aug.model at a "
-                f"local diffusers folder."
-            ) from e
-        raise ConfigError(f"aug.model={model!r}: cannot load {part}/ ({type(e).__name__}: {e}); "
-                          f"re-save the folder with pipeline.save_pretrained or point aug.model elsewhere.") from e
+        raise src.error("Stable Diffusion", e, subfolder=part) from e
 
     tiny = load_taesd(taesd, device, dtype) if taesd else None
     return SDComponents(
@@ -155,19 +123,10 @@ def vae_dtype(dtype: torch.dtype, force_upcast: bool, device: torch.device) -> t
 
 def load_taesd(name: str, device: torch.device, dtype: torch.dtype) -> AutoencoderTiny:
     """``AutoencoderTiny`` from a folder or hub id (the ``aug.taesd`` key), frozen."""
-    local = Path(name).expanduser()
-    kw: dict[str, Any] = {}
-    if not local.is_dir():
-        if looks_like_path(name):
-            raise ConfigError(f"aug.taesd={name!r}: no such folder; point it at an AutoencoderTiny folder or hub id "
-                              f"(e.g. madebyollin/taesd), or leave it empty to use the SD VAE.")
-        if hub_offline():
-            kw["local_files_only"] = True
+    src = pretrained_source("aug.taesd", name, "point aug.taesd at an AutoencoderTiny folder or hub id (e.g. "
+                                               "madebyollin/taesd), or leave it empty to use the SD VAE")
     try:
-        model = AutoencoderTiny.from_pretrained(str(local) if local.is_dir() else name, torch_dtype=dtype, **kw)
+        model = AutoencoderTiny.from_pretrained(src.path, torch_dtype=dtype, **src.kwargs)
     except Exception as e:  # chained, so the original traceback stays visible
-        raise ConfigError(
-            f"aug.taesd={name!r} cannot be loaded ({type(e).__name__}: {e}). Download it first (e.g. "
-            f"`huggingface-cli download {name}`), point aug.taesd at a local AutoencoderTiny folder, or leave it empty."
-        ) from e
+        raise src.error("AutoencoderTiny", e) from e
     return _freeze(model, device)

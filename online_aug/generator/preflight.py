@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from online_aug.config import AugConfig, ConfigError
-from online_aug.devices import looks_like_path
+from online_aug.generator.hub import looks_like_path
 
 # Deliberate copies of names owned by the loaders, which import diffusers: SD_SUBFOLDERS of generator/loading.py and
 # MANIFEST, MANIFEST_FORMAT, LORA_FILE of generator/finetuned.py. tests/test_preflight.py keeps them equal.
@@ -60,7 +60,7 @@ def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
 def _local_folder(name: str) -> Path | None:
     """The folder ``name`` means, or None for a Hugging Face hub id.
 
-    A folder is a name that exists as one, that can only be a path (``devices.looks_like_path``: ``./x``, ``a/b/c``),
+    A folder is a name that exists as one, that can only be a path (``hub.looks_like_path``: ``./x``, ``a/b/c``),
     or an ``owner/name`` whose ``owner`` is a folder here (``models/nope`` when ``models/`` exists): hub ids look like
     ``owner/name`` too, but a local folder named after a hub owner next to the run is not a case worth guessing for.
     """

@@ -9,15 +9,13 @@ edits' device with the CLIP filter's preprocessing (no PIL round trip).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from online_aug.config import ConfigError
-from online_aug.devices import looks_like_path
 from online_aug.generator.clip_filter import CLIP_MEAN, CLIP_STD, clip_pixels
+from online_aug.generator.hub import pretrained_source
 
 FROM_MODEL = "model"  # aug.safety_checker=model: the safety_checker/ and feature_extractor/ of aug.model
 
@@ -54,21 +52,16 @@ def load_safety_checker(name: str, model: str, device: torch.device, dtype: torc
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
-    from online_aug.generator.loading import hub_offline
-
-    source, sub_checker, sub_proc = (model, "safety_checker", "feature_extractor") if name == FROM_MODEL \
-        else (name, "", "")
-    local = Path(source).expanduser()
-    if not local.is_dir() and looks_like_path(source):
-        raise ConfigError(f"aug.safety_checker={name!r}: no such folder {source!r}; give a folder or hub id with a "
-                          f"StableDiffusionSafetyChecker, 'model' for aug.model's own, or '' (off)")
-    kw: dict[str, Any] = {"local_files_only": True} if hub_offline() and not local.is_dir() else {}
+    from_model = name == FROM_MODEL
+    src = pretrained_source("aug.safety_checker", name, "give a folder or hub id with a StableDiffusionSafetyChecker "
+                            "(e.g. CompVis/stable-diffusion-safety-checker), 'model' for aug.model's own, or '' (off)",
+                            name=model if from_model else name)
+    sub_checker, sub_proc = ("safety_checker", "feature_extractor") if from_model else ("", "")
+    source, kw = src.path, src.kwargs
     try:
         checker = StableDiffusionSafetyChecker.from_pretrained(source, subfolder=sub_checker, **kw)
     except Exception as e:  # every loader failure becomes one actionable message, chained
-        raise ConfigError(f"aug.safety_checker={name!r}: no StableDiffusionSafetyChecker in {source!r}"
-                          f"{'/' + sub_checker if sub_checker else ''} ({type(e).__name__}: {e}); download it "
-                          f"(e.g. CompVis/stable-diffusion-safety-checker) or set aug.safety_checker=''") from e
+        raise src.error("StableDiffusionSafetyChecker", e, subfolder=sub_checker) from e
     mean, std = CLIP_MEAN, CLIP_STD
     try:
         proc = CLIPImageProcessor.from_pretrained(source, subfolder=sub_proc, **kw)
