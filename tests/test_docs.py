@@ -158,7 +158,12 @@ def test_every_docs_page_is_indexed():
     assert "docs/README.md" in {t.partition("#")[0] for _, t in links((ROOT / "README.md").read_text())}
 
 
-def test_named_configs_exist():
+def test_named_files_exist():
+    """Configs, modules, tools and tests named in prose (not only in links): a moved module leaves no stale path."""
     for p in pages():
-        for cfg in re.findall(r"configs/[\w/.-]+\.yaml", p.read_text()):
+        text = p.read_text()
+        for cfg in re.findall(r"configs/[\w/.-]+\.yaml", text):
             assert (ROOT / cfg).is_file(), f"{p.relative_to(ROOT)} names {cfg}, which does not exist"
+        for path in re.findall(r"(?<![\w/.-])((?:online_aug|tools|tests)/[\w/.-]*)", text):
+            path = path.rstrip(".")
+            assert (ROOT / path).exists(), f"{p.relative_to(ROOT)} names {path}, which does not exist"
