@@ -2,7 +2,8 @@
 
 :class:`Augmenter` is the ``augment(images, labels, micro_step) -> Batch`` callable that the background producer
 (:mod:`online_aug.prefetch`) runs for every micro-batch, and that the synchronous path (``aug.prefetch=false``,
-:mod:`online_aug.sources`) runs inside the training step; both give the same batch for the same (seed, rank, micro-step).
+:mod:`online_aug.sources`) runs inside the training step; both give the same batch for the same (seed, rank,
+micro-step).
 
 Reuse (``aug.reuse = k``): edit slot ``j`` of micro-step ``i`` is generated when ``(i + j) % k == 0`` and otherwise
 takes the edit generated in slot ``j`` of step ``i - (i + j) % k`` (image, soft label and target as they were made),
@@ -60,7 +61,7 @@ class Augmenter:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, micro_step: int,
                  masks: torch.Tensor | None = None, geom: torch.Tensor | None = None) -> Batch:
-        """``images`` [B,3,H,W] in [0,1] on ``self.device``; ``labels`` [B] on the CPU; ``micro_step`` the micro-micro_step;
+        """``images`` [B,3,H,W] in [0,1] on ``self.device``; ``labels`` [B] on the CPU; ``micro_step`` the micro-step;
         ``masks`` [B,1,H,W] object masks from the loader (aug.mask_mode), handed to the generator with the edits;
         ``geom`` [B,6] (CPU) where each view came from in its stored image (aug.edit_source=full): the edits then
         start from the stored images at the generator's resolution and are resized to the view's size."""
@@ -129,8 +130,8 @@ class Augmenter:
             if self.example_every and micro_step % self.example_every == 0 and len(fi):
                 examples = self._examples(f_src, edited, plan.source[fi], f_target, f_strength, targets[idx][f_dev])
         stats["aug/gen_ms"] = 1000 * (time.perf_counter() - t0)
-        return Batch(images=images, targets=targets, labels=labels, micro_step=micro_step, stats=stats, examples=examples,
-                     edit_target=edit_target.to(self.device, non_blocking=True))
+        return Batch(images=images, targets=targets, labels=labels, micro_step=micro_step, stats=stats,
+                     examples=examples, edit_target=edit_target.to(self.device, non_blocking=True))
 
     def _watch_nonfinite(self, bad: int, m: int) -> None:
         """An fp16 VAE or UNet that overflows makes edits non-finite; each silently trains as its real image, so a
@@ -148,15 +149,15 @@ class Augmenter:
         w[0] = w[1] = 0
 
     def _fresh_slots(self, micro_step: int, m: int) -> torch.Tensor:
-        """[M] bool (CPU): the edit slots generated at ``micro_step``; with reuse k, slot j is fresh when (micro_step + j) % k is
-        0, or when the micro_step it would reuse lies before micro_step 0."""
+        """[M] bool (CPU): the edit slots generated at ``micro_step``; with reuse k, slot j is fresh when
+        (micro_step + j) % k is 0, or when the micro-step it would reuse lies before micro-step 0."""
         if self.reuse == 1:
             return torch.ones(m, dtype=torch.bool)
         lag = (micro_step + torch.arange(m)) % self.reuse
         return (lag == 0) | (micro_step - lag < 0)
 
-    def _reuse(self, micro_step: int, fresh: torch.Tensor, out: torch.Tensor, soft: torch.Tensor, slot_target: torch.Tensor,
-               ok: torch.Tensor) -> None:
+    def _reuse(self, micro_step: int, fresh: torch.Tensor, out: torch.Tensor, soft: torch.Tensor,
+               slot_target: torch.Tensor, ok: torch.Tensor) -> None:
         """Fill the reused slots from the ring and put this micro-step's new ring edits in (in place); drop the edits
         whose k uses are over. A slot whose edit the ring lacks (a micro-step trained on a real batch under
         ``aug.starvation=real``) trains as its real image."""
@@ -232,7 +233,7 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
     if cfg.aug.dup_threshold > 0:
         dup_guard = NearDuplicateGuard(guard_bank(splits.train, splits.num_classes), cfg.aug.dup_threshold, device)
     source_reader = None
-    if splits.train.edit_source:  # aug.edit_source=full (the trainer set it): the loader sends each view's geometry
+    if cfg.full_res_edit_source():  # the loader sends each view's geometry (sources.prepare_batch_source)
         from .data import EditSourceReader
 
         source_reader = EditSourceReader(splits.train, editor.resolution)

@@ -117,6 +117,17 @@ def pick_tag(ckpt: Path) -> str | None:
                       f"start the run anew")
 
 
+def final_tag(ckpt: Path, select: str = "last") -> str | None:
+    """The tag holding the weights a run's final metrics describe: ``best`` for ``train.select=val`` (once saved),
+    else the one a resume picks (:func:`pick_tag`; for a folder written before completeness markers, the tag
+    ``latest`` names). None when the folder holds no checkpoint at all."""
+    if select == "val" and (ckpt / BEST).is_dir():
+        return BEST
+    if not _is_ckpt_dir(ckpt):
+        return None
+    return pick_tag(ckpt) or _latest(ckpt)
+
+
 def resume_note(ckpt: Path, tag: str | None) -> str:
     """What ``--resume`` picked, and which newer tags it passed over as incomplete."""
     name = tag or _latest(ckpt) or "latest"
@@ -193,3 +204,58 @@ def load(engine: Any, ckpt_dir: Path, tag: str | None) -> dict[str, Any]:
     if "torch_rng" in client:
         torch.set_rng_state(client["torch_rng"])
     return client
+
+
+# ---------------------------------------------------------------- resuming with overrides
+
+# Keys whose change on --resume the checkpoint cannot follow: the weights' shapes and the optimizer state's layout
+# (model.*, train.optimizer, train.precision, train.zero_stage: DeepSpeed loads a ZeRO checkpoint only into the
+# stage that wrote it), or the data the run trains and is judged on (the split protocol, hence the class count).
+# Everything else (lr, steps, aug.*, logging, data.num_workers, a moved data.root) may change.
+FIXED_ON_RESUME = ("model.", "train.optimizer", "train.precision", "train.zero_stage", "data.dataset",
+                   "data.image_size", "data.split_seed", "data.test_fraction", "data.val_per_class",
+                   "data.pool_fraction", "data.train_with_pool", "data.val_fraction", "data.imbalance_ratio",
+                   "data.longtail_profile", "data.class_order_seed", "data.shots")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def tag_step(ckpt: Path, tag: str | None) -> int | None:
+    """The optimizer step a checkpoint tag holds (``step00000020`` → 20), from its name; None if it has none."""
+    name = tag or _latest(ckpt) or ""
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
+
+
+def check_resume(saved: dict[str, Any], cfg_dict: dict[str, Any], saved_steps: int, steps: int,
+                 ckpt_step: int | None) -> str | None:
+    """Validate a resumed run's config against the run it continues, before anything in the run is written.
+
+    ``saved``: the run's config.yaml as a config dict; ``saved_steps``/``steps``: the optimizer steps it planned and
+    the ones now asked; ``ckpt_step``: the checkpoint's step. Raises ConfigError naming the key for an override the
+    checkpoint cannot follow, or for a step count the run is already past; returns a note to print when the run is
+    extended (its learning-rate schedule is re-planned), else None."""
+    old, new = _flat(saved), _flat(cfg_dict)
+    changed = [k for k in new if k.startswith(FIXED_ON_RESUME) and k in old and old[k] != new[k]]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"--resume with {k}={new[k]!r}: the checkpoint was trained with {k}={old[k]!r} and cannot "
+                          f"be continued with another (weights, optimizer state or data split would not match); "
+                          f"drop the override, or start a new run with --config")
+    if ckpt_step is not None and steps < ckpt_step:
+        raise ConfigError(f"--resume with train.steps={steps}: the checkpoint is already at step {ckpt_step}; nothing "
+                          f"to train (the run's config.yaml is left as it was). Give train.steps > {ckpt_step} to "
+                          f"extend the run")
+    if steps != saved_steps and ckpt_step is not None and steps > ckpt_step:
+        return (f"train.steps {saved_steps} -> {steps}: the warm-up/cosine learning-rate schedule is re-planned for "
+                f"{steps} steps from step {ckpt_step} on (the steps before followed the {saved_steps}-step plan), so "
+                f"this run is not the one a {steps}-step run from the start would be; plan the long run from the "
+                f"start (train.steps={steps} in a new run) to get one schedule")
+    return None

@@ -159,7 +159,8 @@ class SnapshotBoard:
         with self._cond:
             while want not in self._snaps:
                 if self._closed:
-                    raise RuntimeError(f"snapshot board closed while micro-step {micro_step} waited for boundary {want}")
+                    raise RuntimeError(f"snapshot board closed while micro-step {micro_step} waited for boundary "
+                                       f"{want}")
                 if want < max(self._snaps):
                     raise RuntimeError(f"snapshot of micro-step {want} was pruned (board keeps {self.keep})")
                 if not self._cond.wait(timeout=_POLL_S if timeout is None else timeout) and timeout is not None:

@@ -30,7 +30,8 @@ METHODS: tuple[str, ...] = (
 )
 # run.stop_signals may name these (catchable, and what schedulers send: SLURM SIGTERM/SIGUSR1, PBS/LSF SIGXCPU)
 STOP_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
-FAULT_MODES: tuple[str, ...] = ("stop", "real")  # aug.on_fault
+OnFault = Literal["stop", "real"]  # aug.on_fault, and what a Prefetcher does once its producer failed
+FAULT_MODES: tuple[str, ...] = typing.get_args(OnFault)
 
 
 def doc(default: Any, text: str, **kw: Any) -> Any:
@@ -332,7 +333,7 @@ class AugConfig:
     prefetch: bool = doc(True, "Generate in a background producer; False runs the edit inside the step.")
     timeout_s: float = doc(300.0, "Producer fault: one generator step (a micro-batch's edit) running longer than "
                                   "this many seconds counts as hung (aug.on_fault).")
-    on_fault: Literal["stop", "real"] = doc(
+    on_fault: OnFault = doc(
         "stop", "A hung or dead producer (incl. CUDA out of memory): stop (checkpoint, exit 3) or real (go on with "
                 "real batches, aug/producer_fault).")
     image_every: int = doc(50, "Write an aug/examples grid every N steps (0 disables).")
@@ -612,6 +613,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {str(p)!r} cannot be read as YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        data.pop(RESOLVED, None)  # a run's derived facts (save_config), not settings
         _apply(cfg, data)
     for text in overrides:
         keys, value = parse_override(text)
@@ -623,8 +625,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+RESOLVED = "resolved"  # the section of a run's config.yaml that records what the run derived from its config
+
+
+def save_config(cfg: Config, path: str | Path, resolved: dict[str, Any] | None = None) -> None:
+    """The config as loaded, plus (for a run directory) a ``resolved:`` section with what the run derived from it,
+    e.g. the optimizer steps that ``train.epochs`` decided. The config itself is never changed after loading, so the
+    saved settings are the asked ones (tools/compare.py reuses a finished run by comparing them);
+    :func:`load_config` skips the ``resolved`` section."""
+    data = cfg.to_dict()
+    if resolved:
+        data[RESOLVED] = dict(resolved)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def read_resolved(path: str | Path) -> dict[str, Any]:
+    """The ``resolved:`` section of a run's config.yaml ({} when absent, e.g. a run written before it existed)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return dict(data.get(RESOLVED) or {}) if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------- validation

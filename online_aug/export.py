@@ -19,7 +19,7 @@ compares N with its 1000 classes and drops the trained head, and resolves ImageN
 Weights come from the run's DeepSpeed checkpoint: ZeRO stage 0 saves the whole module in
 ``mp_rank_00_model_states.pt``; stages 1-3 are consolidated with DeepSpeed's
 ``get_fp32_state_dict_from_zero_checkpoint``. The tag is ``best`` for a ``train.select=val`` run (the weights its final
-metrics describe), else the one ``latest`` names.
+metrics describe), else the newest complete one (:func:`online_aug.checkpoint.final_tag`, the rule a resume uses).
 """
 
 from __future__ import annotations
@@ -30,21 +30,16 @@ from typing import Any
 
 import torch
 
-from .checkpoint import BEST, CKPT
-from .config import Config, ConfigError, DataConfig, ModelConfig, load_config
-
-WEIGHTS = "model.safetensors"
+from .checkpoint import CKPT, final_tag
+from .config import Config, ConfigError, DataConfig, ModelConfig, load_config, read_resolved
 
 
 def find_checkpoint(run_dir: Path, cfg: Config, tag: str | None = None) -> tuple[Path, str]:
     """(checkpoints folder, tag) of the weights to export; a one-line ConfigError naming the folder otherwise."""
     ckpt = run_dir / CKPT
     if tag is None:
-        if cfg.train.select == "val" and (ckpt / BEST).is_dir():
-            tag = BEST
-        elif (ckpt / "latest").is_file():
-            tag = (ckpt / "latest").read_text().strip()
-        else:
+        tag = final_tag(ckpt, cfg.train.select)
+        if tag is None:
             raise ConfigError(f"{run_dir}: no checkpoint to export ({ckpt / 'latest'} is missing; did the run "
                               f"finish?)")
     if not (ckpt / tag / "mp_rank_00_model_states.pt").is_file():
@@ -143,7 +138,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     size = (3, cfg.data.image_size, cfg.data.image_size)
     data_config = {"input_size": size, "mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0,
                    "crop_mode": "squash", "interpolation": "bilinear"}
-    final = _final_row(run_dir, cfg.train.steps)
+    final = _final_row(run_dir, read_resolved(run_dir / "config.yaml").get("train_steps", cfg.train.steps))
     provenance = {"run_dir": str(run_dir.resolve()), "checkpoint_tag": tag, "step": step,
                   "select": cfg.train.select, "eval_split": cfg.train.eval_split,
                   "metrics": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")}}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -98,6 +99,33 @@ class Monitor(NullMonitor):
         self.bar.close()
         self.writer.flush()
         self.writer.close()
+
+
+def confusion_image(pred: np.ndarray, labels: np.ndarray, num_classes: int, cell: int = 8) -> torch.Tensor:
+    """Row-normalised confusion matrix (row: true class, column: predicted) as a [3, H, W] heat map in [0, 1]."""
+    conf = np.zeros((num_classes, num_classes))
+    np.add.at(conf, (labels, pred), 1)
+    conf = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    img = torch.as_tensor(conf, dtype=torch.float32).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    return img[None].repeat(3, 1, 1)
+
+
+def final_report(metrics: dict[str, float], class_names: list[str], train_counts: list[int], eval_split: str,
+                 run_dir: Path, reference: str = "", selected_step: int | None = None) -> str:
+    """The lines a finished run ends with: the final evaluation table (with the ``run.reference`` column when the
+    split is test), where the run lives and the TensorBoard command."""
+    selected = f", the weights of step {selected_step} (best val)" if selected_step is not None else ""
+    lines = [f"\nfinal evaluation ({eval_split} split{selected}, %):"]
+    ref = None
+    if reference and eval_split == "test":
+        ref = load_reference(reference)
+        if ref is None:
+            lines.append(f"(run.reference={reference!r}: no such file or row; no reference column)")
+    lines.append(eval_table(metrics, class_names, train_counts, ref))
+    if ref is not None:
+        lines.append(f"reference column: {reference} (tools/compare.py, same split, mean over seeds)")
+    lines += [f"\nrun directory: {run_dir}", f"tensorboard --logdir {run_dir / 'tb'}"]
+    return "\n".join(lines)
 
 
 def eval_table(metrics: dict[str, float], class_names: list[str], train_counts: list[int],

@@ -2,10 +2,11 @@
 
 - :func:`build_optimizer`: AdamW (decoupled weight decay) or SGD (momentum, optional Nesterov, L2 weight decay), over
   the parameters that require grad (``model.freeze_backbone`` leaves only the head's).
-- :func:`resolve_steps`: the one number of optimizer steps a run trains. ``train.epochs > 0`` decides and
-  ``train.steps`` is replaced by ceil(epochs × training images / batch_size), the training images counted after the
-  split protocol (val, pool, long-tail, shots, ``train_with_pool``); otherwise ``train.steps`` decides. The trainer
-  writes the resolved count into the run's ``config.yaml``, so a run directory always says how long it trained.
+- :func:`resolve_steps`: the one number of optimizer steps a run trains. ``train.epochs > 0`` decides it as
+  ceil(epochs × training images / batch_size), the training images counted after the split protocol (val, pool,
+  long-tail, shots, ``train_with_pool``); otherwise ``train.steps`` decides. The config is not changed: the trainer
+  records the count in the ``resolved:`` section of the run's ``config.yaml``, so a run directory always says how
+  long it trained.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 
 
 def resolve_steps(cfg: Config, num_train: int) -> int:
-    """Optimizer steps of the run (see the module doc); sets ``cfg.train.steps`` when ``train.epochs`` decides."""
+    """Optimizer steps of the run (see the module doc)."""
     t = cfg.train
     if t.epochs > 0:
-        t.steps = max(1, math.ceil(t.epochs * num_train / t.batch_size))
+        return max(1, math.ceil(t.epochs * num_train / t.batch_size))
     return t.steps

@@ -7,14 +7,14 @@ output buffers and handed over with an ``Event``; ``next()`` makes the consumer'
 (never a device-wide synchronize), and ``release`` records a "released" event that the producer's stream waits on
 before it reuses the slot. That replaces ``record_stream``: tensors made on the side stream never reach the trainer's
 stream. The ring is only safe if the consumer releases batch k before asking for k+1: ``next()`` raises otherwise.
-On CPU the same code runs with a thread and no streams; ``streams.checking()`` (tests) runs it with fake streams and
-raises on any unordered access.
+On CPU the same code runs with a thread and no streams; ``online_aug.testing.hazards.checking()`` (tests) runs it with
+fake streams and raises on any unordered access.
 
 Starvation policy when the queue is empty: ``wait`` blocks (α stays exact); ``real`` trains on the next real
 batch instead (the effective α, logged as ``aug/effective_alpha``, drops below α).
 A producer exception reaches the trainer's thread, with its traceback chained; ``close`` joins the thread.
 Faults (README "Faults"): a producer that dies, or whose step runs longer than ``timeout_s`` (``aug.timeout_s``), is
-recorded in :attr:`Prefetcher.fault`. With ``on_fault="raise"`` the next ``next()`` raises it; with ``"real"`` the
+recorded in :attr:`Prefetcher.fault`. With ``on_fault="stop"`` the next ``next()`` raises it; with ``"real"`` the
 batches already made are used, then real ones (``aug/producer_fault`` = 1), and the caller decides (the trainer
 stops at the step boundary unless ``aug.on_fault=real``). A hung producer thread is abandoned (it is a daemon).
 """
@@ -30,6 +30,7 @@ import torch
 
 from . import streams
 from .batches import Batch, loader_extras, no_edit_stats, real_batch
+from .config import OnFault
 from .faults import out_of_memory
 
 _POLL_S = 0.05  # how often blocked threads re-check for shutdown or a dead producer
@@ -81,10 +82,11 @@ class Prefetcher:
 
     def __init__(self, loader, augment: Callable[[torch.Tensor, torch.Tensor, int], Batch], device: torch.device,
                  depth: int = 2, starvation: str = "wait", start: int = 0, num_classes: int | None = None,
-                 timeout_s: float | None = None, on_fault: str = "raise"):
-        """``augment(images, labels, micro_step) -> Batch`` (an :class:`~online_aug.augment.Augmenter`, which carries its
-        ``num_classes``; a plain callable passes ``num_classes``, needed for the one-hot 'real' fallback).
-        ``timeout_s``: longest producer step before it counts as hung (None: no limit); ``on_fault``: raise | real."""
+                 timeout_s: float | None = None, on_fault: OnFault = "stop"):
+        """``augment(images, labels, micro_step) -> Batch`` (an :class:`~online_aug.augment.Augmenter`, which carries
+        its ``num_classes``; a plain callable passes ``num_classes``, needed for the one-hot 'real' fallback).
+        ``timeout_s``: longest producer step before it counts as hung (None: no limit); ``on_fault``: stop (raise the
+        producer's error) | real (real batches)."""
         self.timeout_s, self.on_fault = timeout_s, on_fault
         self.fault: ProducerError | None = None  # the first fault; set by the consumer's thread
         self._busy_since: float | None = None  # monotonic start of the producer step in progress
@@ -202,7 +204,7 @@ class Prefetcher:
         return fault
 
     def _after_fault(self) -> Batch:
-        if self.on_fault == "raise":
+        if self.on_fault == "stop":
             raise self.fault
         try:
             return self._queue.get_nowait()  # edits made before the fault are still good

@@ -24,7 +24,7 @@ from . import streams
 from .augment import build_augmenter
 from .batches import Batch, loader_extras, one_hot_on, real_batch, real_loader
 from .class_stats import SnapshotBoard
-from .config import Config
+from .config import Config, OnFault
 from .faults import inject_into_augment, inject_into_source
 from .prefetch import Prefetcher
 
@@ -68,7 +68,8 @@ class SyncAugmentedSource:
     def __next__(self) -> Batch:
         x, y, *rest = next(self.it)  # rest: what travels to the generator (masks, the view's geometry)
         t0 = time.perf_counter()
-        batch = self.augment(x.to(self.device, non_blocking=True), y, self.micro_step, **loader_extras(rest, self.device))
+        x = x.to(self.device, non_blocking=True)
+        batch = self.augment(x, y, self.micro_step, **loader_extras(rest, self.device))
         batch.stats["aug/stall_ms"] = 1000 * (time.perf_counter() - t0)  # the trainer waited for all of it
         batch.stats["aug/queue_depth"] = 0.0
         self.micro_step += 1
@@ -113,6 +114,24 @@ class CMOSource:
         self.inner.close()
 
 
+def prepare_batch_source(cfg: Config, splits) -> None:
+    """Check what the batch source will need and attach it to the data, before any model is built: a bad generator
+    folder or file fails in a second, not after the classifier and the SD have loaded. Nothing to do at α = 0
+    (diffusers is not even imported then)."""
+    if cfg.aug.alpha <= 0:
+        return
+    from .data import attach_masks, check_generator_folders
+    from .generator.preflight import check_generator_inputs
+
+    check_generator_inputs(cfg.aug, splits.num_classes)
+    # a generator that saw this run's validation or test images would leak them into training
+    check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, cfg.aug.lora], splits)
+    if cfg.aug.mask_mode != "off":  # object masks travel with their images from the loader on
+        attach_masks(splits.train, cfg.aug.mask_source, cfg.aug.mask_threshold, cfg.data.root)
+    # aug.edit_source=full: each view's crop/flip travels too; the producer reads the edit source from it
+    splits.train.edit_source = cfg.full_res_edit_source()
+
+
 def _rebuild_reuse_ring(augment: Callable[..., Batch], cfg: Config, splits, device: torch.device, rank: int,
                         world: int, micro_bs: int, start: int) -> None:
     """``aug.reuse = k`` on resume: re-run the ``k - 1`` micro-steps before ``start`` on their own real batches
@@ -127,10 +146,11 @@ def _rebuild_reuse_ring(augment: Callable[..., Batch], cfg: Config, splits, devi
 
 def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, world: int, micro_bs: int,
                        start: int, accum: int = 1, board: SnapshotBoard | None = None,
-                       on_fault: str = "raise") -> BatchSource:
-    """The run's source of micro-batches for this rank, starting at micro-step ``start`` (resume); ``board``: the
-    closed loop's published statistics (``aug.adaptive``); ``on_fault``: what the prefetcher does once its producer
-    failed (raise, or real: go on with real batches, see prefetch.py)."""
+                       on_fault: OnFault = "stop") -> BatchSource:
+    """The run's source of micro-batches for this rank, starting at micro-step ``start`` (resume), on data that
+    :func:`prepare_batch_source` prepared; ``board``: the closed loop's published statistics (``aug.adaptive``);
+    ``on_fault``: what the prefetcher does once its producer failed (stop: the next ``next()`` raises the producer's
+    error; real: go on with real batches, the fault recorded; see prefetch.py)."""
     loader = real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed, start=start,
                          num_workers=cfg.data.num_workers, sampler=cfg.data.sampler)
     source: BatchSource

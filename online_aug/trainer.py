@@ -1,7 +1,9 @@
-"""The training loop: a DeepSpeed engine around a timm classifier, fed by real or online-augmented batches.
+"""The training loop: a DeepSpeed engine around a timm classifier, fed by a batch source.
 
-One readable path: build (data, model, engine, batch source), then ``fit`` runs steps, evaluates, logs and
-checkpoints. The frozen diffusion model never enters DeepSpeed: it lives in the batch source.
+One readable path, in numbered stages as a diffusers pipeline's ``__call__``: build (1. devices and ranks, 2. data,
+3. run directory, 4. engine, 5. fault handling, 6. restore, 7. batch source), then ``fit`` runs steps, evaluates, logs
+and checkpoints. How batches are made (real, edited, prefetched) is the batch source's business
+(:mod:`online_aug.sources`); the frozen diffusion model never enters DeepSpeed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,46 +21,47 @@ import torch.distributed as dist
 
 from . import checkpoint, faults, streams
 from .batches import Batch, reduce_stats
-from .config import Config, ConfigError, save_config
-from .data import Splits, attach_masks, build_splits, check_generator_folders
+from .config import Config, ConfigError, load_config, read_resolved, save_config
+from .data import Splits, build_splits
+from .data.transforms import build_train_transform
 from .devices import DTYPES
 from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
 from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_entropy
 from .metrics import classification_metrics, fmt
 from .model import create_classifier
-from .monitor import Monitor, NullMonitor, eval_table, load_reference
+from .monitor import Monitor, NullMonitor, confusion_image, final_report
 from .optim import build_optimizer, resolve_steps
 from .schedules import warmup_cosine
-from .sources import BatchSource, build_batch_source
+from .sources import BatchSource, build_batch_source, prepare_batch_source
 
 
-def lr_lambda(cfg: Config):
-    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+def lr_lambda(cfg: Config, steps: int):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` over the run's ``steps`` optimizer steps."""
     t = cfg.train
-    return lambda step: warmup_cosine(step, t.warmup_steps, t.steps, t.min_lr_ratio)
-
-
-def train_transform(cfg: Config):
-    """The training split's PIL transform (``train.transform``, ``train.randaugment``; see data/transforms.py)."""
-    from .data.transforms import build_train_transform
-
-    return build_train_transform(cfg)
-
-
-def confusion_image(pred: np.ndarray, labels: np.ndarray, num_classes: int, cell: int = 8) -> torch.Tensor:
-    """Row-normalised confusion matrix (row: true class, column: predicted) as a [3, H, W] heat map in [0, 1]."""
-    conf = np.zeros((num_classes, num_classes))
-    np.add.at(conf, (labels, pred), 1)
-    conf = conf / np.maximum(conf.sum(1, keepdims=True), 1)
-    img = torch.as_tensor(conf, dtype=torch.float32).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    return img[None].repeat(3, 1, 1)
+    return lambda step: warmup_cosine(step, t.warmup_steps, steps, t.min_lr_ratio)
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, show_progress: bool = True):
-        import deepspeed
+        self.cfg = cfg  # read-only from here on: what the run derives is kept on the trainer (self.steps)
+        self._setup_ranks()  # 1
+        self._setup_data()  # 2: bad data or generator inputs fail before any model is built
+        resume_from = self._setup_run_dir(resume)  # 3: nothing in a resumed run is written before it is validated
+        self._setup_engine()  # 4
+        self._setup_faults()  # 5
+        self._restore(resume_from)  # 6
+        if self.rank == 0:  # the config as asked, and what the run derived from it
+            save_config(cfg, self.run_dir / "config.yaml", resolved={"train_steps": self.steps})
+        self.monitor = (Monitor(self.run_dir, self.steps, self.start_step, show_progress) if self.rank == 0
+                        else NullMonitor())
+        if self.extend_note:
+            self.monitor.print(self.extend_note)
+        self.source: BatchSource = self._batch_source()  # 7
 
-        self.cfg = cfg
+    # ------------------------------------------------------------------ building, stage by stage
+
+    def _setup_ranks(self) -> None:
+        cfg = self.cfg
         self.device = resolve_device(cfg)
         self.rank, self.local_rank, self.world = init_distributed(self.device)
         self.precision = resolve_precision(cfg, self.device)
@@ -65,52 +69,67 @@ class Trainer:
         cfg.train.check_world_size(self.world)  # load_config validated for one rank; the launch sets the real count
         self.micro_bs, self.accum = micro_batch(cfg, self.world)
 
-        # data first: bad data fails before any model is built
-        self.splits: Splits = build_splits(cfg.data, train_transform(cfg))
-        if cfg.aug.alpha > 0:  # the generator's folders and files too (lazy: diffusers is not needed at alpha 0)
-            from .generator.preflight import check_generator_inputs
-
-            check_generator_inputs(cfg.aug, self.splits.num_classes)
-            # a generator that saw this run's validation or test images would leak them into training
-            check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, cfg.aug.lora], self.splits)
-            if cfg.aug.mask_mode != "off":  # object masks travel with their images from the loader on
-                attach_masks(self.splits.train, cfg.aug.mask_source, cfg.aug.mask_threshold, cfg.data.root)
-            # aug.edit_source=full: each view's crop/flip travels too; the producer reads the edit source from it
-            self.splits.train.edit_source = cfg.full_res_edit_source()
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.splits: Splits = build_splits(cfg.data, build_train_transform(cfg))
+        prepare_batch_source(cfg, self.splits)  # the generator's inputs checked, masks/geometry attached
         self.class_counts = self.splits.train.class_counts()
         self.num_classes = self.splits.num_classes
-        resolve_steps(cfg, len(self.splits.train))  # train.epochs > 0 decides the length (optim.py)
+        self.steps = resolve_steps(cfg, len(self.splits.train))  # train.epochs > 0 decides the length (optim.py)
 
-        resume_from = None
-        if resume:
-            run_dir, ckpt_dir, tag = checkpoint.find_resume(resume, cfg.run.out_dir, cfg.run.name)
-            resume_from = (ckpt_dir, tag)
-            if self.rank == 0:
-                print(checkpoint.resume_note(ckpt_dir, tag))  # which checkpoint, and any incomplete one passed over
-        else:
-            run_dir = checkpoint.new_run_dir(cfg.run.out_dir, cfg.run.name, self.rank)
+    def _setup_run_dir(self, resume: str | None) -> tuple[Path, str | None] | None:
+        """A new run directory, or the run to resume after its config was checked against the new one (an override
+        the checkpoint cannot follow is refused here, before anything in the run is rewritten)."""
+        cfg = self.cfg
+        self.extend_note: str | None = None
+        if not resume:
+            self.run_dir = checkpoint.new_run_dir(cfg.run.out_dir, cfg.run.name, self.rank)
+            return None
+        run_dir, ckpt_dir, tag = checkpoint.find_resume(resume, cfg.run.out_dir, cfg.run.name)
+        saved_path = run_dir / "config.yaml"
+        if saved_path.is_file():
+            saved = load_config(saved_path)
+            saved_steps = int(read_resolved(saved_path).get("train_steps", saved.train.steps))
+            self.extend_note = checkpoint.check_resume(saved.to_dict(), cfg.to_dict(), saved_steps, self.steps,
+                                                       checkpoint.tag_step(ckpt_dir, tag))
         self.run_dir = run_dir
         if self.rank == 0:
-            save_config(cfg, run_dir / "config.yaml")
+            print(checkpoint.resume_note(ckpt_dir, tag))  # which checkpoint, and any incomplete one passed over
+        return ckpt_dir, tag
 
+    def _setup_engine(self) -> None:
+        cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # identical classifier init on every rank (ZeRO partitions after init)
         model = create_classifier(cfg.model, self.num_classes)
         optimizer = build_optimizer(cfg, model)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
+        import deepspeed
+
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world, self.precision))
-        # faults (README "Faults"): stop signals, a stop agreed by every rank at each step boundary, divergence guard
+        self.mixup = None
+        if cfg.train.mixing:
+            self.mixup = SoftTargetMixup(mixup_alpha=cfg.train.mixup_alpha, cutmix_alpha=cfg.train.cutmix_alpha,
+                                         prob=cfg.train.mix_prob, num_classes=self.num_classes)
+        self.drw_weights = class_balanced_weights(self.class_counts).to(self.device)
+
+    def _setup_faults(self) -> None:
+        """Stop signals, a stop agreed by every rank at each step boundary, the divergence guard (README "Faults")."""
+        t = self.cfg.train
         group = faults.cpu_group(self.world)
-        self.signals = faults.StopSignals(cfg.run.stop_signals)
+        self.signals = faults.StopSignals(self.cfg.run.stop_signals)
         self.control = faults.StopControl(self.signals, group)
-        self.guard = (faults.DivergenceGuard(self.engine.module, cfg.train.max_bad_steps, cfg.train.max_loss, group,
-                                             cfg.train.guard_every) if cfg.train.max_bad_steps > 0 else None)
+        self.guard = (faults.DivergenceGuard(self.engine.module, t.max_bad_steps, t.max_loss, group, t.guard_every)
+                      if t.max_bad_steps > 0 else None)
         self.weights_suspect = False  # train.guard_every > 1 found a bad loss that already reached the weights
         self.producer_fault = False  # reported once
-        self.resumed_log: dict[str, Any] = {}  # the log interval a checkpoint cut (continued bit for bit)
 
-        self.loop = None  # the closed loop (aug.adaptive): live class statistics steer the policy
+    def _restore(self, resume_from: tuple[Path, str | None] | None) -> None:
+        """The closed loop (aug.adaptive: live class statistics steer the policy), then the checkpoint's weights and
+        the client state that :meth:`_client_state` saved."""
+        cfg = self.cfg
+        self.loop = None
         if cfg.aug.adaptive:
             from .closed_loop import ClosedLoop
 
@@ -118,35 +137,36 @@ class Trainer:
                                    self.device)
         self.start_step = 0
         self.best: dict[str, float] = {}  # train.select=val: the best val score so far and its step
-        if resume_from is not None:
-            client = checkpoint.load(self.engine, *resume_from)
-            self.start_step = int(client["step"])
-            self.best = dict(client.get("select_best") or {})
-            self.resumed_log = dict(client.get("log") or {})
-            if "last_train" in client:
-                self.last_train = client["last_train"]
-            if self.guard is not None:
-                self.guard.skipped = int(client.get("skipped_steps", 0))
-            if self.loop is not None:
-                if "adaptive" not in client:
-                    raise ConfigError("aug.adaptive=true but the checkpoint holds no closed-loop statistics (it was "
-                                      "trained without aug.adaptive); resume with aug.adaptive=false or start anew")
-                self.loop.load_state_dict(client["adaptive"])
+        self.resumed_log: dict[str, Any] = {}  # the log interval a checkpoint cut (continued bit for bit)
+        self.last_train: dict[str, float] = {}
+        if resume_from is None:
+            return
+        client = checkpoint.load(self.engine, *resume_from)
+        self.start_step = int(client["step"])
+        self.best = dict(client.get("select_best") or {})
+        self.resumed_log = dict(client.get("log") or {})
+        self.last_train = dict(client.get("last_train") or {})
+        if self.guard is not None:
+            self.guard.skipped = int(client.get("skipped_steps", 0))
+        if self.loop is not None:
+            if "adaptive" not in client:
+                raise ConfigError("aug.adaptive=true but the checkpoint holds no closed-loop statistics (it was "
+                                  "trained without aug.adaptive); resume with aug.adaptive=false or start anew")
+            self.loop.load_state_dict(client["adaptive"])
 
-        self.mixup = None
-        if cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0:
-            self.mixup = SoftTargetMixup(mixup_alpha=cfg.train.mixup_alpha, cutmix_alpha=cfg.train.cutmix_alpha,
-                                         prob=cfg.train.mix_prob, num_classes=self.num_classes)
-        self.drw_weights = class_balanced_weights(self.class_counts).to(self.device)
-
-        is_main = self.rank == 0
-        self.monitor = (Monitor(run_dir, cfg.train.steps, self.start_step, show_progress) if is_main
-                        else NullMonitor())
-        self.source = self._batch_source()
-
-    # ------------------------------------------------------------------ building
+    def _client_state(self, done: int, log: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds beside DeepSpeed's own state; :meth:`_restore` reads it back."""
+        client = {"micro_step": done * self.accum, "last_train": self.last_train, "log": log,
+                  "skipped_steps": self.guard.skipped if self.guard is not None else 0}
+        if self.best:
+            client["select_best"] = self.best
+        if self.loop is not None:
+            client["adaptive"] = self.loop.state_dict()
+        return client
 
     def _batch_source(self) -> BatchSource:
+        # on_fault=real: the step in flight goes on with real batches; aug.on_fault=stop is then honoured at the step
+        # boundary, with a checkpoint (_check_producer)
         return build_batch_source(self.cfg, self.splits, self.device, self.rank, self.world, self.micro_bs,
                                   self.start_step * self.accum, self.accum,
                                   board=self.loop.board if self.loop is not None else None, on_fault="real")
@@ -154,69 +174,18 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, float]:
-        t = self.cfg.train
-        engine = self.engine
-        engine.train()
+        if self.start_step >= self.steps:  # a finished run resumed as it was: nothing to do, and nothing is lost
+            self.monitor.print(f"the run is already complete at step {self.start_step} (train.steps={self.steps}); "
+                               f"nothing to train. Extend it with train.steps=<more>")
+            self.source.close()
+            self.monitor.close()
+            return {}
+        self.engine.train()
         self.monitor.print(f"run directory: {self.run_dir}")
-        log = self.resumed_log  # a resumed run continues the log interval its checkpoint cut
-        loss_sum = torch.full((), float(log.get("loss_sum", 0.0)), device=self.device)  # on device: no sync per step
-        loss_n, seen, t_last = int(log.get("loss_n", 0)), 0, time.perf_counter()
-        aug_acc: dict[str, float] = dict(log.get("aug_acc") or {})
-        metrics: dict[str, float] = {}
-        stop = faults.NONE
+        stop, done, metrics = faults.NONE, self.start_step, {}
         self.signals.install()  # README "Faults": a stop signal ends the run after the step in flight
         try:
-            for step in range(self.start_step, t.steps):
-                for _ in range(self.accum):
-                    batch = next(self.source)
-                    self._check_producer()
-                    loss = self.train_step(batch)
-                    if loss is None:  # skipped by the divergence guard
-                        continue
-                    loss_sum += loss.detach()
-                    loss_n += 1
-                    seen += len(batch.labels) * self.world
-                    for k, v in batch.stats.items():
-                        aug_acc[k] = aug_acc.get(k, 0.0) + v
-                    if batch.examples is not None:
-                        self._log_examples(step, batch.examples)
-                done = step + 1
-                if done % t.log_every == 0 or done == t.steps:
-                    # .item() is a device sync point: once per log interval, not per step
-                    elapsed = time.perf_counter() - t_last
-                    values = {"train/loss": (loss_sum / loss_n).item() if loss_n else math.nan,  # nan: all skipped
-                              "train/lr": self.scheduler.get_last_lr()[0],
-                              "train/images_per_s": seen / max(elapsed, 1e-9)}
-                    values.update(reduce_stats(aug_acc, loss_n))
-                    self.monitor.scalars(done, values)
-                    self.last_train = values
-                    loss_sum.zero_()
-                    loss_n, seen, t_last, aug_acc = 0, 0, time.perf_counter(), {}
-                    self.monitor.progress(0, loss=f"{values['train/loss']:.3f}")
-                if done % t.eval_every == 0 or done == t.steps:
-                    if t.select == "val":
-                        self._select(done)
-                    else:
-                        metrics = self.evaluate(done, t.eval_split)
-                if self.guard is not None and self.guard.every > 1 and (done % self.guard.every == 0
-                                                                         or done == t.steps):
-                    self._poll_guard(done)
-                # every rank agrees whether to stop here (a signal, a producer fault, divergence): then checkpoint
-                stop = self.control.agree() if done < t.steps else faults.NONE
-                if self.weights_suspect:
-                    stop = stop or faults.FAULT
-                elif (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or stop:
-                    client = {"micro_step": done * self.accum, "last_train": getattr(self, "last_train", {}),
-                              "log": {"loss_sum": loss_sum.item(), "loss_n": loss_n, "aug_acc": aug_acc},
-                              "skipped_steps": self.guard.skipped if self.guard is not None else 0}
-                    if self.best:
-                        client["select_best"] = self.best
-                    if self.loop is not None:
-                        client["adaptive"] = self.loop.state_dict()
-                    checkpoint.save(engine, self.run_dir, done, client, t.keep_last, self.rank)
-                self.monitor.progress(1)
-                if stop:
-                    break
+            stop, done, metrics = self._loop()
         finally:
             if not stop:
                 self.signals.restore()  # when stopping, a repeated signal is still the same request until exit
@@ -225,28 +194,77 @@ class Trainer:
             self.source.close()
         if stop:
             self._stopped(done, stop)
-        if t.select == "val" and self.best:
+        if self.cfg.train.select == "val" and self.best:
             metrics = self._evaluate_selected()
         self.monitor.close()
         if self.rank == 0 and metrics:
-            selected = f", the weights of step {int(self.best['step'])} (best val)" if t.select == "val" else ""
-            print(f"\nfinal evaluation ({t.eval_split} split{selected}, %):")
-            ref = None
-            if self.cfg.run.reference and t.eval_split == "test":
-                ref = load_reference(self.cfg.run.reference)
-                if ref is None:
-                    print(f"(run.reference={self.cfg.run.reference!r}: no such file or row; no reference column)")
-            print(eval_table(metrics, self.splits.class_names, self.splits.shot_counts, ref))
-            if ref is not None:
-                print(f"reference column: {self.cfg.run.reference} (tools/compare.py, same split, mean over seeds)")
-            print(f"\nrun directory: {self.run_dir}")
-            print(f"tensorboard --logdir {self.run_dir / 'tb'}")
+            t = self.cfg.train
+            print(final_report(metrics, self.splits.class_names, self.splits.shot_counts, t.eval_split, self.run_dir,
+                               self.cfg.run.reference, int(self.best["step"]) if t.select == "val" else None))
         return metrics
+
+    def _loop(self) -> tuple[int, int, dict[str, float]]:
+        """Steps from ``start_step`` to the end (or a stop): train, log, evaluate, checkpoint. Returns (stop code,
+        last step done, last metrics)."""
+        t = self.cfg.train
+        log = self.resumed_log  # a resumed run continues the log interval its checkpoint cut
+        loss_sum = torch.full((), float(log.get("loss_sum", 0.0)), device=self.device)  # on device: no sync per step
+        loss_n, seen, t_last = int(log.get("loss_n", 0)), 0, time.perf_counter()
+        aug_acc: dict[str, float] = dict(log.get("aug_acc") or {})
+        metrics: dict[str, float] = {}
+        stop, done = faults.NONE, self.start_step
+        for step in range(self.start_step, self.steps):
+            for _ in range(self.accum):
+                batch = next(self.source)
+                self._check_producer()
+                loss = self.train_step(batch)
+                if loss is None:  # skipped by the divergence guard
+                    continue
+                loss_sum += loss.detach()
+                loss_n += 1
+                seen += len(batch.labels) * self.world
+                for k, v in batch.stats.items():
+                    aug_acc[k] = aug_acc.get(k, 0.0) + v
+                if batch.examples is not None:
+                    self._log_examples(step, batch.examples)
+            done = step + 1
+            last = done == self.steps
+            if done % t.log_every == 0 or last:
+                # .item() is a device sync point: once per log interval, not per step
+                elapsed = time.perf_counter() - t_last
+                values = {"train/loss": (loss_sum / loss_n).item() if loss_n else math.nan,  # nan: all skipped
+                          "train/lr": self.scheduler.get_last_lr()[0],
+                          "train/images_per_s": seen / max(elapsed, 1e-9)}
+                values.update(reduce_stats(aug_acc, loss_n))
+                self.monitor.scalars(done, values)
+                self.last_train = values
+                loss_sum.zero_()
+                loss_n, seen, t_last, aug_acc = 0, 0, time.perf_counter(), {}
+                self.monitor.progress(0, loss=f"{values['train/loss']:.3f}")
+            if done % t.eval_every == 0 or last:
+                if t.select == "val":
+                    self._select(done)
+                else:
+                    metrics = self.evaluate(done, t.eval_split)
+            if self.guard is not None and self.guard.every > 1 and (done % self.guard.every == 0 or last):
+                self._poll_guard(done)
+            # every rank agrees whether to stop here (a signal, a producer fault, divergence): then checkpoint
+            stop = self.control.agree() if not last else faults.NONE
+            if self.weights_suspect:
+                stop = stop or faults.FAULT
+            elif (t.ckpt_every and done % t.ckpt_every == 0) or last or stop:
+                log = {"loss_sum": loss_sum.item(), "loss_n": loss_n, "aug_acc": aug_acc}
+                checkpoint.save(self.engine, self.run_dir, done, self._client_state(done, log), t.keep_last,
+                                self.rank)
+            self.monitor.progress(1)
+            if stop:
+                break
+        return stop, done, metrics
 
     def class_weight(self, step: int) -> torch.Tensor | None:
         """DRW: class-balanced loss weights from ``train.drw_start`` of the run on (Cao et al. 2019)."""
         t = self.cfg.train
-        return self.drw_weights if t.drw_start > 0 and step >= int(t.drw_start * t.steps) else None
+        return self.drw_weights if t.drw_start > 0 and step >= int(t.drw_start * self.steps) else None
 
     def train_step(self, batch: Batch) -> torch.Tensor | None:
         """Forward, soft-target loss, backward and (at the accumulation boundary) DeepSpeed's optimizer step on one
@@ -336,10 +354,10 @@ class Trainer:
         status = faults.EXIT_STOPPED if code == faults.SIGNAL else faults.EXIT_FAULT
         if self.weights_suspect:
             raise faults.RunStopped(status, f"{self.control.reason}\nstopped after step {done} of "
-                                            f"{self.cfg.train.steps} without a checkpoint; resume from the last "
+                                            f"{self.steps} without a checkpoint; resume from the last "
                                             f"one with\n  python train.py --resume {self.run_dir}")
         raise faults.RunStopped(status, f"{self.control.reason}\nstopped after step {done} of "
-                                        f"{self.cfg.train.steps}: checkpoint {tag} is complete; resume with\n"
+                                        f"{self.steps}: checkpoint {tag} is complete; resume with\n"
                                         f"  python train.py --resume {self.run_dir}")
 
     def _log_examples(self, step: int, ex: dict[str, Any]) -> None:
@@ -362,10 +380,10 @@ class Trainer:
 
     def _evaluate_selected(self) -> dict[str, float]:
         """Load the ``best`` weights and evaluate them on ``train.eval_split``: the run's final metrics, logged under
-        ``selected/*`` and as the last summary.csv row (step = train.steps, ``selected_step`` = the best step)."""
+        ``selected/*`` and as the last summary.csv row (step = the last step, ``selected_step`` = the best step)."""
         checkpoint.load(self.engine, self.run_dir / checkpoint.CKPT, checkpoint.BEST)
         split = self.cfg.train.eval_split
-        return self.evaluate(self.cfg.train.steps, split, prefix="selected",
+        return self.evaluate(self.steps, split, prefix="selected",
                              extra={"split": split, "selected_step": int(self.best["step"])})
 
     @torch.no_grad()
@@ -402,7 +420,7 @@ class Trainer:
                    f"{prefix}/class_acc/{self.splits.class_names[int(k.split('/')[1])]}": v for k, v in m.items()}
         self.monitor.scalars(step, scalars)
         self.monitor.images(f"{prefix}/confusion", step, confusion_image(out, ds.labels, self.num_classes))
-        row = {"step": step, **{k: v for k, v in getattr(self, "last_train", {}).items()},
+        row = {"step": step, **self.last_train,
                **{f"eval_{k}": v for k, v in m.items() if not k.startswith("class_acc/")}, **(extra or {})}
         self.monitor.summary_row(row)
         sel = (extra or {}).get("selected_step")

@@ -18,7 +18,7 @@ from online_aug.config import AugConfig, ConfigError, load_config
 from online_aug.data import EditSourceReader, build_splits
 from online_aug.policy import AugPolicy
 from online_aug.sources import build_batch_source
-from online_aug.trainer import train_transform
+from online_aug.data.transforms import build_train_transform as train_transform
 
 CPU = torch.device("cpu")
 VIEW, GEN = 16, 32  # the classifier's view and the tiny SD's native resolution

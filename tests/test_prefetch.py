@@ -84,7 +84,8 @@ def test_resume_continues_the_same_stream():
     batches = [next(full) for _ in range(5)]
     resumed = SyncAugmentedSource(_loader(start=3), _augmenter(FakeGenerator()), CPU, start=3)
     b3 = next(resumed)
-    assert b3.micro_step == 3 and torch.equal(b3.images, batches[3].images) and torch.equal(b3.targets, batches[3].targets)
+    assert b3.micro_step == 3
+    assert torch.equal(b3.images, batches[3].images) and torch.equal(b3.targets, batches[3].targets)
 
 
 def test_producer_exception_reaches_main_thread_quickly():

@@ -32,7 +32,7 @@ def test_warmup_cosine() -> None:
 
 def test_trainer_lr_lambda_is_warmup_cosine() -> None:
     cfg = load_config(None, ["train.steps=50", "train.warmup_steps=5", "train.min_lr_ratio=0.2"])
-    f = lr_lambda(cfg)
+    f = lr_lambda(cfg, cfg.train.steps)
     for step in range(60):
         progress = min(1.0, (step - 5) / 45)
         want = (step + 1) / 5 if step < 5 else 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * progress))

@@ -38,7 +38,8 @@ class LabeledImages(Dataset):
         # object masks (aug.mask_mode, set by attach_masks): None, "threshold" or one mask file per image
         self.masks: str | list[Path] | None = None
         self.mask_threshold = 0.25
-        # aug.edit_source=full (set by the trainer): each item also says where its view came from in the stored image
+        # aug.edit_source=full (set by sources.prepare_batch_source): each item also says where its view came from in
+        # the stored image
         self.edit_source = False
 
     def __len__(self) -> int:
