@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
-import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
 import pytest
 import torch
 from diffusers import (
@@ -15,9 +14,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     LCMScheduler,
     StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
 )
-from tiny_sd import build_tiny_sd_components, save_tiny_sd, tiny_pipeline
+from tiny_sd import build_tiny_sd_components, save_tiny_sd
 
 from online_aug.config import AugConfig, ConfigError
 from online_aug.generator import SDComponents, SDEditGenerator, load_sd, load_taesd
@@ -50,26 +48,6 @@ def _images(m: int, size: int = 16, seed: int = 1) -> torch.Tensor:
 def _noise(m: int, seed: int = 7) -> torch.Tensor:
     # One generator per sample: a sample's noise does not depend on the batch it is in.
     return torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed + i)) for i in range(m)])
-
-
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "lcm", "dpmsolver++"])
-def test_grid_mode_matches_diffusers_img2img(scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    pipe = tiny_pipeline(seed=0)
-    pipe.scheduler = SCHEDULER_CLASSES[scheduler].from_config(pipe.scheduler.config)
-    # The pipeline samples the VAE posterior (consuming the generator); SDEdit here uses its mean. Make the
-    # pipeline use the mean too, so that both draw exactly one noise tensor first from identically seeded generators.
-    monkeypatch.setattr(img2img_module, "retrieve_latents",
-                        lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode())
-    comps = SDComponents(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
-    gen = SDEditGenerator(comps, PROMPTS, schedule="grid", grid_steps=10, guidance_scale=3.0, scheduler=scheduler)
-    images, targets, s = _images(3), torch.tensor([1, 0, 2]), 0.6
-    ref = pipe(prompt=[PROMPTS[i] for i in targets], image=images, strength=s, num_inference_steps=10,
-               guidance_scale=3.0, output_type="pt", generator=torch.Generator().manual_seed(5)).images
-    out, finite = gen.edit(images, torch.full((3,), s), targets, generator=torch.Generator().manual_seed(5))
-    assert finite.all()
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
-    assert (out - images).abs().mean() > 0.05  # a real edit, not a trivially equal no-op
 
 
 @pytest.mark.parametrize("schedule", ["fewstep", "grid"])
@@ -232,22 +210,14 @@ def test_taesd_replaces_the_vae(tmp_path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmsolver++"])
-def test_gen_from_noise_matches_diffusers_text_to_image(scheduler: str) -> None:
-    """gen_from_noise: a strength-1 sample is StableDiffusionPipeline's text-to-image from pure noise (grid mode)."""
-    comps = build_tiny_sd_components(seed=0)
-    comps["scheduler"] = SCHEDULER_CLASSES[scheduler].from_config(comps["scheduler"].config)
-    pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    sd = SDComponents(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
-    gen = SDEditGenerator(sd, PROMPTS, schedule="grid", grid_steps=10, guidance_scale=3.0, scheduler=scheduler,
-                          gen_from_noise=True)
+def test_grid_gen_from_noise_ignores_the_reference(scheduler: str) -> None:
+    """Grid mode, strength 1 with gen_from_noise: text-to-image (equal to StableDiffusionPipeline's, see
+    test_diffusers_equivalence.py), so the reference image does not leak in."""
+    gen = SDEditGenerator(_components(scheduler), PROMPTS, schedule="grid", grid_steps=10, guidance_scale=3.0,
+                          scheduler=scheduler, gen_from_noise=True)
     targets = torch.tensor([1, 0, 2])
-    ref = pipe(prompt=[PROMPTS[i] for i in targets], num_inference_steps=10, guidance_scale=3.0, output_type="pt",
-               generator=torch.Generator().manual_seed(5)).images
     out, finite = gen.edit(_images(3), torch.ones(3), targets, generator=torch.Generator().manual_seed(5))
     assert finite.all()
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
-    # The reference image no longer leaks in: other images give the same result ...
     other, _ = gen.edit(_images(3, seed=9), torch.ones(3), targets, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(other, out, atol=1e-5, rtol=0)
     # ... whereas img2img at s = 1 (the default) keeps some of the reference.

@@ -52,11 +52,13 @@ class Schedule:
     """Per-sample schedule over ``S`` loop steps (all tensors on one device).
 
     Attributes:
-        t: ``[M, S]`` long, the timestep sample ``m`` is at when loop step ``k`` runs (fed to the UNet).
-        t_prev: ``[M, S]`` long, the timestep step ``k`` moves it to; ``-1`` means the end of the chain
+        t: ``[M, S]``, the timestep sample ``m`` is at when loop step ``k`` runs (fed to the UNet). Long, except
+            for a grid that falls between training steps (Euler with "linspace" spacing, e.g. 832.5 for N = 7):
+            float64 holding diffusers' float32 timesteps, whose sigmas are interpolated as diffusers does.
+        t_prev: ``[M, S]``, same dtype, the timestep step ``k`` moves it to; ``-1`` means the end of the chain
             (``final_alpha_cumprod`` for DDIM/LCM, sigma 0 for Euler and DPM-Solver++).
         active: ``[M, S]`` bool, whether sample ``m`` is updated at step ``k`` (grid mode: it has joined).
-        start: ``[M]`` long, the timestep the clean latent is noised to; ``-1`` for a sample with no steps.
+        start: ``[M]``, same dtype, the timestep the clean latent is noised to; ``-1`` for a sample with no steps.
         first_step: first loop step at which any sample is active (a host int: earlier steps are skipped).
     """
 
@@ -146,15 +148,22 @@ class PerSampleScheduler:
         ac_ext = torch.cat([final, ac])
         self.ac_ext = ac_ext.float().to(device)
         self.sigma_ext = ((1 - ac_ext) / ac_ext).sqrt().float().to(device)
+        # Sigmas between training steps, as EulerDiscreteScheduler.set_timesteps makes them: its float32 sigma
+        # table, linearly interpolated in float64 (np.interp), the result rounded to float32.
+        ac32 = self.ref.alphas_cumprod.float()
+        sigma32 = ((1 - ac32) / ac32) ** 0.5
+        self.sigma_interp = torch.cat([torch.zeros(1, dtype=torch.float64), sigma32.double()]).to(device)
         self.timestep_scaling = float(getattr(cfg, "timestep_scaling", 10.0))
         self.sigma_data = 0.5  # LCM boundary condition constant, as in LCMScheduler
 
     # ------------------------------------------------------------------ schedules
 
     def grid_timesteps(self, num_steps: int) -> Tensor:
-        """The N-step grid of ``set_timesteps(N)`` for this scheduler class (Euler's float steps rounded)."""
+        """The N-step grid of ``set_timesteps(N)`` for this scheduler class: long where every entry is a training
+        step, else (Euler, "linspace" spacing, N - 1 not dividing T - 1) float64 of diffusers' float32 timesteps."""
         self.ref.set_timesteps(num_steps, device="cpu")
-        return torch.round(self.ref.timesteps.double()).long()
+        grid = self.ref.timesteps.double()
+        return grid.long() if torch.equal(grid, grid.round()) else grid
 
     def grid_schedule(self, strengths: Tensor, num_steps: int) -> Schedule:
         """diffusers img2img semantics per sample: the tail of one N-step grid.
@@ -180,7 +189,7 @@ class PerSampleScheduler:
             prev = torch.cat([grid[1:], grid.new_full((1,), -1)])
         t_prev = prev[None, :].expand(M, N).clone()
         active = torch.arange(N)[None, :] >= t_start[:, None]
-        start = torch.where(n > 0, grid[t_start.clamp(max=N - 1)], torch.full_like(n, -1))
+        start = torch.where(n > 0, grid[t_start.clamp(max=N - 1)], grid.new_full(n.shape, -1))
         first = int(N - n.max().item()) if M else N
         return Schedule(t, t_prev, active, start, first)
 
@@ -190,7 +199,13 @@ class PerSampleScheduler:
         return self.ac_ext[t + 1].view(-1, 1, 1, 1)
 
     def _sigma(self, t: Tensor) -> Tensor:
-        return self.sigma_ext[t + 1].view(-1, 1, 1, 1)
+        if not t.is_floating_point():
+            return self.sigma_ext[t + 1].view(-1, 1, 1, 1)
+        lo = torch.floor(t)
+        i = lo.long() + 1  # t = -1 (end of chain) reads sigma 0 at index 0
+        hi = self.sigma_interp[(i + 1).clamp(max=self.sigma_interp.numel() - 1)]
+        sigma = self.sigma_interp[i] + (t - lo) * (hi - self.sigma_interp[i])
+        return sigma.float().view(-1, 1, 1, 1)
 
     def add_noise(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Noise clean latents to each sample's own timestep (``t = -1``: left clean)."""

@@ -269,7 +269,8 @@ class SDEditGenerator:
         return self.scheduler.grid_schedule(strengths, self.grid_steps)
 
     def timesteps_for(self, strengths: Tensor) -> Tensor:
-        """``[M, S+1]`` int timesteps per sample (``S = steps`` or ``grid_steps``), on ``strengths.device``.
+        """``[M, S+1]`` timesteps per sample (``S = steps`` or ``grid_steps``), on ``strengths.device``: long, or
+        float64 where the grid falls between training steps (Euler with "linspace" spacing, e.g. N = 7).
 
         Column ``k < S`` is the timestep the sample is at when loop step ``k`` runs, or -1 when it does not take part
         in that step (grid mode, before it joins); the last column is -1, the clean end of the chain. The number of
@@ -307,9 +308,9 @@ class SDEditGenerator:
             inp = self.scheduler.scale_model_input(lat, t).to(dt)
             if extra_in is not None:
                 inp = torch.cat([inp, extra_in], 1)
-            t_in = t
+            t_in = t.float() if t.is_floating_point() else t  # diffusers' float32 timesteps (Euler, linspace)
             if self.do_cfg:
-                inp, t_in = torch.cat([inp, inp]), torch.cat([t, t])
+                inp, t_in = torch.cat([inp, inp]), torch.cat([t_in, t_in])
             out = self.unet(inp, t_in, encoder_hidden_states=emb, timestep_cond=tcond, return_dict=False)[0].float()
             if self.do_cfg:
                 out_uncond, out_cond = out.chunk(2)
@@ -318,8 +319,12 @@ class SDEditGenerator:
             if self.scheduler.kind == "lcm" and k < S - 1:
                 step_noise = randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
             new = self.scheduler.step(out, lat, t, t_prev, step_noise, history, active)
-            if region_lat is not None and self.inpaint == "blend":  # the kept region: the reference at t_prev
-                new = region_lat * new + (1 - region_lat) * self.scheduler.add_noise(z_ref, noise, t_prev)
+            if region_lat is not None and self.inpaint == "blend":
+                # The kept region, as StableDiffusionInpaintPipeline blends it: the reference noised to the next
+                # grid timestep (not t_prev: a DDIM step on a trailing or linspace grid lands off the grid), and the
+                # clean reference after the last step, also where that step ends at t = 0 (DDIM, trailing).
+                t_keep = per_sample.t[:, k + 1] if k + 1 < S else torch.full_like(t, -1)
+                new = region_lat * new + (1 - region_lat) * self.scheduler.add_noise(z_ref, noise, t_keep)
             # Grid mode: a sample that has not joined yet keeps its noised latent (the mask is a tensor op: no sync).
             lat = torch.where(active.view(-1, 1, 1, 1), new, lat)
         return lat
@@ -352,11 +357,11 @@ class SDEditGenerator:
             masks: ``[M, 1, H', W']`` object masks (> 0.5 = object), required when ``mask_mode`` is not off. Only the
                 :meth:`edit_region` changes: with ``inpaint="unet"`` the SD-inpainting UNet gets the mask and the
                 masked-image latents as diffusers' ``StableDiffusionInpaintPipeline`` builds them; with ``"blend"``
-                the kept region of the latent is replaced after every step by the reference noised to the step's
-                target timestep (the plain-UNet branch of that pipeline; RePaint, Lugmayr et al. 2022, without its
-                resampling). Either way the decoded edit is pasted into the source through the region at the
-                classifier resolution (diffusers' ``apply_overlay``): the kept pixels are the source's exactly, not a
-                VAE round trip of them.
+                the kept region of the latent is replaced after every step by the reference noised to the next
+                timestep of the sample's schedule, or the clean reference after its last step (the plain-UNet branch
+                of that pipeline; RePaint, Lugmayr et al. 2022, without its resampling). Either way the decoded edit
+                is pasted into the source through the region at the classifier resolution (diffusers'
+                ``apply_overlay``): the kept pixels are the source's exactly, not a VAE round trip of them.
 
         Returns:
             ``(edited, finite)``: ``edited`` is ``[M, 3, H, W]`` float32 in [0, 1]; ``finite`` is ``[M]`` bool. A
