@@ -1,16 +1,23 @@
-"""tools/compare.py --quick: two presets, one seed, two steps each; results.csv, table.md and a non-empty plot.png."""
+"""tools/compare.py and the harness behind it (online_aug/experiments/): --quick comparisons end to end, suites, the
+run cache (what a resumed comparison reuses), a bad row found before any training, and the committed tables."""
 
 from __future__ import annotations
 
 import csv
 import os
+import shlex
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+import yaml
 from tiny_sd import save_tiny_sd
 
-from online_aug.config import load_config
+from online_aug.config import load_config, save_config
+from online_aug.experiments import reports
+from online_aug.experiments.cache import finished_run, generator_fingerprint, run_dirs
+from online_aug.experiments.suites import Row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +76,6 @@ def _compare_module():
 
     spec = importlib.util.spec_from_file_location("compare_tool", ROOT / "tools" / "compare.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
 
@@ -77,17 +83,15 @@ def _compare_module():
 def test_suite_rows_resolve_to_configs_and_distinct_run_names() -> None:
     """Every row of the long-tail suite loads (preset + its overrides) and gets its own run name."""
     compare = _compare_module()
-    args = compare.parse_args(["--suite", "longtail"])
-    assert args.out == "reports/longtail" and len(args.seeds) >= 5
+    plan = compare.parse_args(["--suite", "longtail"])
+    assert plan.out == Path("reports/longtail") and len(plan.seeds) >= 5
     names = set()
-    for row in args.rows:
-        ov = compare.run_overrides(args, row, 0)
-        cfg = load_config(ROOT / "configs" / f"{row.preset}.yaml", ov)
+    for row in plan.rows:
+        cfg = load_config(ROOT / "configs" / f"{row.preset}.yaml", plan.overrides(row, 0))
         assert cfg.data.imbalance_ratio == 100 and cfg.data.val_per_class == 10 and cfg.data.pool_fraction == 0.5
         names.add(cfg.run.name)
-    assert len(names) == len(args.rows)
-    models = {load_config(ROOT / "configs" / f"{r.preset}.yaml", compare.run_overrides(args, r, 0)).aug.model
-              for r in args.rows if r.preset == "diff-mix"}
+    assert len(names) == len(plan.rows)
+    models = {plan.resolved_config(r, 0)["aug"]["model"] for r in plan.rows if r.preset == "diff-mix"}
     assert models == {"models/tiny-sd-digits-pool-agnostic", "models/tiny-sd-digits-pool",
                       "models/tiny-sd-digits-lt100"}
     quick = compare.parse_args(["--suite", "longtail", "--quick", "--out", "/tmp/x"])
@@ -109,41 +113,133 @@ def test_model_override_drops_the_presets_learned_tokens() -> None:
     they are dropped and a {token} prompt falls back to the class name; without --model they stay."""
     compare = _compare_module()
 
-    args = compare.parse_args(["--out", "/tmp/x", "--model", "/tmp/sd", "--presets", "da-fusion-leakage-free"])
-    ov = compare.run_overrides(args, "da-fusion-leakage-free", 0)
+    plan = compare.parse_args(["--out", "/tmp/x", "--model", "/tmp/sd", "--presets", "da-fusion-leakage-free"])
+    ov = plan.overrides(Row("da-fusion-leakage-free", "da-fusion-leakage-free"), 0)
     assert {"aug.model=/tmp/sd", "aug.textual_inversion=", "aug.lora=", "aug.prompt=a photo of a {name}"} <= set(ov)
     cfg = load_config(ROOT / "configs" / "da-fusion-leakage-free.yaml", ov)
     assert (cfg.aug.textual_inversion, cfg.aug.lora, cfg.aug.prompt) == ("", "", "a photo of a {name}")
-    plain = compare.run_overrides(compare.parse_args(["--out", "/tmp/x", "--presets", "diff-mix"]), "diff-mix", 0)
+    plain = compare.parse_args(["--out", "/tmp/x", "--presets", "diff-mix"]).overrides(Row("diff-mix", "diff-mix"), 0)
     assert load_config(ROOT / "configs" / "diff-mix.yaml", plain).aug.lora == "models/ft-digits-pool-agnostic"
 
 
 def test_run_dirs_match_the_whole_row_name(tmp_path) -> None:
     """A row whose name ends with another row's ('... + CB resampling' vs 'CB resampling') keeps its runs apart:
     neither the reuse check nor the new-run detection of two parallel trainings confuses them."""
-    compare = _compare_module()
     for d in ("20261125-173943-cb-resampling-seed0", "20261125-184023-intra-s-0-5-cb-resampling-seed0",
               "notes-cb-resampling-seed0"):
         (tmp_path / d).mkdir()
-    assert {p.name for p in compare.run_dirs(tmp_path, "cb-resampling-seed0")} == {
+    assert {p.name for p in run_dirs(tmp_path, "cb-resampling-seed0")} == {
         "20261125-173943-cb-resampling-seed0"}
-    assert {p.name for p in compare.run_dirs(tmp_path, "intra-s-0-5-cb-resampling-seed0")} == {
+    assert {p.name for p in run_dirs(tmp_path, "intra-s-0-5-cb-resampling-seed0")} == {
         "20261125-184023-intra-s-0-5-cb-resampling-seed0"}
 
 
 def test_generator_fingerprint_follows_the_files_not_the_path(tmp_path) -> None:
     """A generator folder rebuilt in place changes the fingerprint a finished run was made with (so a resumed
     comparison trains again); checkpoints/ and an alpha-0 run do not count; a hub id counts as itself."""
-    compare = _compare_module()
     folder = tmp_path / "ft"
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "weights.safetensors").write_bytes(b"a" * 100)
     aug = {"alpha": 0.5, "model": "org/some-sd", "textual_inversion": str(folder), "lora": str(folder),
            "label_rates": ""}
-    fp = compare.generator_fingerprint(aug)
+    fp = generator_fingerprint(aug)
     assert fp["model"] == "org/some-sd" and fp["label_rates"] == "" and fp["lora"] == fp["textual_inversion"]
     (folder / "checkpoints" / "step-1.pt").write_bytes(b"x")
-    assert compare.generator_fingerprint(aug) == fp
+    assert generator_fingerprint(aug) == fp
     (folder / "weights.safetensors").write_bytes(b"b" * 100)  # same path, same size, new weights
-    assert compare.generator_fingerprint(aug)["lora"] != fp["lora"]
-    assert compare.generator_fingerprint({**aug, "alpha": 0.0}) == {}
+    assert generator_fingerprint(aug)["lora"] != fp["lora"]
+    assert generator_fingerprint({**aug, "alpha": 0.0}) == {}
+
+
+def _suite(tmp_path: Path, rows: list[dict]) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({"title": "test suite", "seeds": [0], "rows": rows}))
+    return path
+
+
+def test_a_config_error_in_one_row_stops_the_comparison_before_any_training(tmp_path) -> None:
+    """A typo in one row's ``set:`` is found while every row's config is resolved, before the first training: one
+    message naming the row and the key, no run started, no traceback."""
+    suite = _suite(tmp_path, [{"name": "CE", "preset": "baseline"},
+                              {"name": "CE typo", "preset": "baseline", "set": ["train.lrr=0.1"]}])
+    out = tmp_path / "cmp"
+    r = _run(["--suite", str(suite), "--out", str(out), "--seeds", "0", "1", "--steps", "2"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "row 'CE typo' (preset baseline, every seed): unknown config key 'train.lrr'" in r.stderr
+    assert "'CE' " not in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("unknown config key") == 1  # one line for the row, not one per seed
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_a_failed_row_is_listed_and_the_others_go_on_and_an_epochs_run_is_reused(tmp_path) -> None:
+    """A row that fails during training (a generator folder that does not exist) is printed and listed under the
+    table while the next row trains; a second call reuses the finished run, which sized its training in epochs."""
+    suite = _suite(tmp_path, [
+        {"name": "broken", "preset": "real-guidance", "set": [f"aug.model={tmp_path / 'no-such-sd'}"]},
+        {"name": "CE", "preset": "baseline", "set": ["train.epochs=1"]}])
+    out = tmp_path / "cmp"
+    args = ["--suite", str(suite), "--out", str(out), "--quick"]
+    r = _run(args)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error: broken seed 0:" in r.stderr and "1 run(s) failed" in r.stderr
+    with open(out / "results.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["preset"] == "CE" and int(row["steps"]) >= 1
+    table = (out / "table.md").read_text()
+    assert "| CE |" in table and "Failed runs (not in the table): broken seed 0 (broken-seed0 failed" in table
+
+    r2 = _run(args)
+    assert r2.returncode == 1, r2.stderr[-3000:]
+    assert len(run_dirs(out / "runs", "ce-seed0")) == 1, r2.stderr[-3000:]
+    with open(out / "results.csv", newline="") as f:
+        assert [x["run_dir"] for x in csv.DictReader(f)] == [row["run_dir"]]
+
+
+def _fake_run(runs: Path, name: str, config: dict, last_step: int) -> Path:
+    run = runs / f"20260101-000000-{name}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run / "summary.csv").write_text(f"step,eval_top1\n{last_step},0.5\n")
+    return run
+
+
+def test_a_finished_run_that_used_train_epochs_is_reused(tmp_path) -> None:
+    """With train.epochs the trainer derives the step count from the split: a run folder that records it (in
+    train.steps, or beside the config sections) is the asked config, finished when it reached that count."""
+    import math
+
+    from online_aug.data import build_splits
+
+    cfg = load_config(ROOT / "configs" / "baseline.yaml", ["train.epochs=1", "train.batch_size=8",
+                                                           "run.name=ce-seed0"])
+    want = asdict(cfg)
+    steps = math.ceil(len(build_splits(cfg.data).train) / 8)
+    assert steps != cfg.train.steps
+    written_back = load_config(ROOT / "configs" / "baseline.yaml", ["train.epochs=1", "train.batch_size=8",
+                                                                    "run.name=ce-seed0", f"train.steps={steps}"])
+    save_config(written_back, tmp_path / "c.yaml")
+    forms = {"steps written into train.steps": yaml.safe_load((tmp_path / "c.yaml").read_text()),
+             "a record beside the config": {**cfg.to_dict(), "resolved": {"steps": steps}}}
+    for i, (form, config) in enumerate(forms.items()):
+        runs = tmp_path / f"runs{i}"
+        _fake_run(runs, "ce-seed0", config, steps - 1)  # stopped one step short: not finished
+        assert finished_run(runs, "ce-seed0", want) is None, form
+        done = _fake_run(runs, "ce-seed1", config, steps)
+        assert finished_run(runs, "ce-seed1", want) == done, form
+    # another number of epochs is another config
+    other = asdict(load_config(ROOT / "configs" / "baseline.yaml", ["train.epochs=2", "train.batch_size=8",
+                                                                    "run.name=ce-seed0"]))
+    assert finished_run(tmp_path / "runs1", "ce-seed1", other) is None
+
+
+def test_committed_suite_tables_render_from_their_results() -> None:
+    """Each committed suite's table.md is what the report code writes from its results.csv and its command line:
+    the harness renders committed tables bit for bit."""
+    compare = _compare_module()
+    tables = [t for t in sorted((ROOT / "reports").glob("*/table.md")) if "--suite" in t.read_text()]
+    assert len(tables) >= 3
+    for path in tables:
+        text = path.read_text()
+        (cmd,) = [line[len("Command: `"):-1] for line in text.splitlines() if line.startswith("Command: `")]
+        plan = compare.parse_args(shlex.split(cmd)[2:])
+        assert reports.table(reports.read_results(path.parent / "results.csv"), plan) == text, path

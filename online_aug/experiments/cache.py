@@ -1,0 +1,151 @@
+"""Which finished run a comparison may reuse instead of training again.
+
+A run folder ``<runs>/<date>-<time>-<row>-seed<N>`` is reused when it reached its final step with exactly the
+config the comparison would run (the user's config: what the trainer derives and records beside it, such as the step
+count ``train.epochs`` resolves to, does not count) and, when it was made with a generator, with the same generator
+files (:func:`generator_fingerprint`). An interrupted comparison so continues where it stopped, while a changed preset,
+override or generator folder trains again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, ConfigError, load_config
+from ..monitor import read_summary
+from .suites import ROOT
+
+GENERATORS_FILE = "compare_generators.json"  # what the run's generator folders held (a resumed comparison checks it)
+WALL_FILE = "compare_wall_s.txt"  # the run's wall time, so a resumed comparison still reports it
+SECTIONS = {f.name for f in dataclasses.fields(Config)}
+
+
+def generator_fingerprint(aug: dict[str, Any]) -> dict[str, str]:
+    """Content fingerprints of the run's generator inputs (aug.model, textual_inversion, lora, label_rates): a folder
+    rebuilt in place (same path, new weights) must not let a comparison reuse runs made with the old one. Each file
+    counts by its path, size and the SHA-256 of its first and last MiB (cheap for a multi-GB SD); checkpoints/ is
+    skipped; a hub id counts as itself. Empty at alpha 0 (no generator)."""
+    if not aug.get("alpha"):
+        return {}
+    out = {}
+    for key in ("model", "textual_inversion", "lora", "label_rates"):
+        ref = aug.get(key) or ""
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = ROOT / path
+        if not ref or not path.exists():
+            out[key] = ref
+            continue
+        h = hashlib.sha256()
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                      if p.is_file() and "checkpoints" not in p.relative_to(path).parts)
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(path.parent)}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+        out[key] = h.hexdigest()[:16]
+    return out
+
+
+def run_dirs(runs: Path, name: str) -> set[Path]:
+    """The run folders of ``name``: exactly ``<date>-<time>-<name>`` (a bare ``*-{name}`` would also match another
+    row's ``...-intra-...-cb-resampling-seed0`` when looking for ``cb-resampling-seed0``)."""
+    pattern = re.compile(rf"\d{{8}}-\d{{6}}-{re.escape(name)}")
+    return {p for p in Path(runs).glob(f"*-{name}") if pattern.fullmatch(p.name)}
+
+
+def user_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config (as a dict) that the user chose: with ``train.epochs > 0`` the trainer derives
+    the step count from the training split, and ``train.steps`` plays no part, whatever a run folder recorded
+    there."""
+    cfg = copy.deepcopy(cfg)
+    if cfg["train"].get("epochs", 0) > 0:
+        cfg["train"]["steps"] = None
+    return cfg
+
+
+def _load(data: dict[str, Any]) -> Config:
+    """load_config of a config dict (load_config reads files only)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+        f.flush()
+        return load_config(f.name)
+
+
+def saved_config(run: Path) -> dict[str, Any] | None:
+    """A run folder's ``config.yaml`` as the resolved config dict, without what the trainer recorded beside the
+    config sections (a ``resolved:`` record, say); None when it cannot be read as this version's config."""
+    try:
+        data = yaml.safe_load((run / "config.yaml").read_text())
+        if not isinstance(data, dict):
+            return None
+        return dataclasses.asdict(_load({k: v for k, v in data.items() if k in SECTIONS}))
+    except (ConfigError, OSError, yaml.YAMLError):  # another version's keys, or unreadable: not reused
+        return None
+
+
+def planned_steps(want: dict[str, Any]) -> int:
+    """The optimizer steps a run of config ``want`` trains: ``train.steps``, or with ``train.epochs > 0`` the count
+    the trainer resolves from the training split's size (built here the same way: data only, no model)."""
+    if want["train"].get("epochs", 0) <= 0:
+        return int(want["train"]["steps"])
+    from ..data import build_splits
+    from ..optim import resolve_steps
+
+    cfg = _load(want)
+    return int(resolve_steps(cfg, len(build_splits(cfg.data).train)))
+
+
+def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
+    """The newest run folder of this name that reached its final step with exactly the config ``want`` (the
+    resolved config this comparison would run, as a dict); None if there is none.
+
+    Matching the whole resolved config, not just the name and step count, means a preset edited since (say, pointed
+    at a fine-tuned generator) is rerun instead of silently reusing results of the old settings.
+    """
+    want_user = user_config(want)
+    steps: int | None = None
+    for run in sorted(run_dirs(runs, name), reverse=True):
+        rows = read_summary(run)
+        if not rows or (got := saved_config(run)) is None:
+            continue
+        got = user_config(got)
+        if got != want_user:
+            diff = [f"{sec}.{k}" for sec in want_user for k in want_user[sec]
+                    if got.get(sec, {}).get(k) != want_user[sec][k]]
+            print(f"note: {run} finished with other settings ({', '.join(diff[:4])}); not reused", file=sys.stderr)
+            continue
+        saved = run / GENERATORS_FILE  # runs from before it was written: reused on their config alone
+        if saved.is_file() and json.loads(saved.read_text()) != generator_fingerprint(want["aug"]):
+            print(f"note: {run} was made with generator files that have changed since; not reused", file=sys.stderr)
+            continue
+        steps = planned_steps(want) if steps is None else steps
+        if int(rows[-1]["step"]) == steps:
+            return run
+    return None
+
+
+def read_wall(run: Path) -> float:
+    path = run / WALL_FILE
+    return float(path.read_text()) if path.is_file() else float("nan")
+
+
+def record_run(run: Path, wall_s: float, fingerprint: dict[str, str]) -> None:
+    """What a resumed comparison reads back: the run's wall time and the generator files it was made with."""
+    (run / WALL_FILE).write_text(f"{wall_s:.1f}\n")
+    (run / GENERATORS_FILE).write_text(json.dumps(fingerprint) + "\n")
