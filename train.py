@@ -11,11 +11,12 @@ checkpoint of the last good step, where one could be written; 128 + signum: a se
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from online_aug.config import ConfigError, load_config
-from online_aug.faults import RunStopped
+from online_aug.faults import INJECT_ENV, RunStopped
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get(INJECT_ENV):
+        # tests only (tests/test_faults.py): fault injectors for this process; the package never imports them itself
+        from online_aug.testing.faults import install
+
+        install()
     args = parse_args(argv)
     config_path = args.config
     if config_path is None and args.resume and Path(args.resume, "config.yaml").is_file():

@@ -8,7 +8,8 @@
   each step boundary, so all ranks stop after the same step (a CPU all-reduce; none with one process).
 - :class:`DivergenceGuard`: a non-finite loss (or one above ``train.max_loss``) skips the micro-batch on every rank
   (no backward, no optimizer step; BatchNorm statistics restored); ``train.max_bad_steps`` in a row stop the run.
-- Test hooks: ``ONLINE_AUG_INJECT_FAULT`` makes a real process fail at a chosen point (tests/test_faults.py).
+- Test seams: :data:`INJECTORS`, filled by :mod:`online_aug.testing.faults` only when ``ONLINE_AUG_INJECT_FAULT``
+  is set, makes a real process fail at a chosen point (tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -220,82 +222,25 @@ def out_of_memory(err: BaseException | None) -> bool:
     return False
 
 
-# ---------------------------------------------------------------- test hooks
+# ---------------------------------------------------------------- test seams
 
 INJECT_ENV = "ONLINE_AUG_INJECT_FAULT"
-
-
-def injected() -> dict[str, set[int]]:
-    """``ONLINE_AUG_INJECT_FAULT="producer_oom@2;nan_images@5,6,7"`` → {'producer_oom': {2}, 'nan_images': {5, 6, 7}}.
-
-    Hooks (tests only): ``kill_in_save@S`` SIGKILLs the process between the files of checkpoint step S;
-    ``producer_hang@K`` / ``producer_oom@K`` make the generator hang / raise CUDA out-of-memory at micro-step K;
-    ``nan_images@K,...`` puts NaN into the images of those micro-steps.
-    """
-    out: dict[str, set[int]] = {}
-    for item in filter(None, os.environ.get(INJECT_ENV, "").split(";")):
-        name, _, at = item.partition("@")
-        out[name.strip()] = {int(v) for v in at.split(",") if v.strip()}
-    return out
+# Fault injectors by hook point ("checkpoint", "augment", "source"): empty in every real run. train.py fills it through
+# online_aug.testing.faults.install() when INJECT_ENV is set (tests/test_faults.py runs train.py processes that fail
+# at a chosen point); the runtime only calls the seams below and never imports the testing package.
+INJECTORS: dict[str, Callable[..., Any]] = {}
 
 
 def inject_into_checkpoint(engine: Any, step: int) -> None:
-    """``kill_in_save@S``: the second file DeepSpeed writes for step S is never written (SIGKILL before it)."""
-    if step not in injected().get("kill_in_save", ()):
-        return
-    ce = engine.checkpoint_engine
-    save, calls = ce.save, [0]
-
-    def killing_save(*args: Any, **kw: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return save(*args, **kw)
-
-    ce.save = killing_save
-
-
-class _FaultyAugment:
-    def __init__(self, augment: Any, hang: set[int], oom: set[int]):
-        self.augment, self.hang, self.oom = augment, hang, oom
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.augment, name)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int, **extras: torch.Tensor) -> Any:
-        if step in self.hang:
-            _say(f"{INJECT_ENV}: the generator hangs at micro-step {step} (unix time {time.time():.3f})\n")
-            while True:  # a generator that never returns (a hung kernel, a deadlock)
-                time.sleep(3600)
-        if step in self.oom:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
-                                              f"{INJECT_ENV})")
-        return self.augment(images, labels, step, **extras)
+    if (hook := INJECTORS.get("checkpoint")) is not None:
+        hook(engine, step)
 
 
 def inject_into_augment(augment: Any) -> Any:
-    hooks = injected()
-    hang, oom = hooks.get("producer_hang", set()), hooks.get("producer_oom", set())
-    return _FaultyAugment(augment, hang, oom) if hang or oom else augment
-
-
-class _NanSource:
-    def __init__(self, inner: Any, steps: set[int]):
-        self.inner, self.steps = inner, steps
-
-    def __next__(self) -> Any:
-        batch = next(self.inner)
-        if batch.step in self.steps:
-            batch.images = torch.full_like(batch.images, math.nan)
-        return batch
-
-    def release(self, batch: Any) -> None:
-        self.inner.release(batch)
-
-    def close(self) -> None:
-        self.inner.close()
+    hook = INJECTORS.get("augment")
+    return augment if hook is None else hook(augment)
 
 
 def inject_into_source(source: Any) -> Any:
-    steps = injected().get("nan_images")
-    return _NanSource(source, steps) if steps else source
+    hook = INJECTORS.get("source")
+    return source if hook is None else hook(source)

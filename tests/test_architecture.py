@@ -1,7 +1,16 @@
-"""The layout issue 9 set: no import cycle inside online_aug/, the frozen-SD package stays independent of the data
-and training code, and nothing reaches the package through sys.path hacks.
+"""The package's import rules, read from the source (every ``import``, lazy ones inside functions included: a lazy
+import still makes two modules depend on each other):
 
-Imports inside functions count too: a lazy import still makes two modules depend on each other.
+- no import cycle inside online_aug/;
+- the frozen-SD package (``online_aug/generator/``) imports neither the data nor any training code (the classifier's
+  runtime, the SD-training wing, the test machinery, the experiment harness);
+- the SD-training wing (``online_aug/sdtrain/``) never imports the classifier's trainer or its batch-source runtime
+  (sources, prefetch, augmenter, policy, closed loop), and that runtime never imports the wing;
+- data flows one way through the runtime: loader → policy → generator → augmenter → prefetch → sources → trainer →
+  monitor;
+- no runtime module (everything in online_aug/ but ``online_aug/testing/``) imports ``online_aug/testing/``; outside
+  tests/ only tools/gpu_check.py imports it, and train.py only lazily under ``ONLINE_AUG_INJECT_FAULT``;
+- nothing reaches the package through sys.path hacks.
 """
 
 from __future__ import annotations
@@ -97,13 +106,35 @@ def test_no_import_cycle_inside_the_package() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_generator_package_does_not_depend_on_data_or_training() -> None:
+# The classifier's training runtime: the trainer and everything that makes its batches.
+RUNTIME = ("online_aug.trainer", "online_aug.sources", "online_aug.prefetch", "online_aug.augment",
+           "online_aug.policy", "online_aug.closed_loop", "online_aug.class_stats", "online_aug.batches",
+           "online_aug.checkpoint", "online_aug.monitor")
+SDTRAIN, TESTING = "online_aug.sdtrain", "online_aug.testing"
+
+
+def _within(name: str, prefixes: str | tuple[str, ...]) -> bool:
+    prefixes = (prefixes,) if isinstance(prefixes, str) else prefixes
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _violations(importers: str | tuple[str, ...], forbidden: tuple[str, ...]) -> dict[str, list[str]]:
     g = import_graph()
-    forbidden = ("online_aug.data", "online_aug.trainer", "online_aug.sources", "online_aug.prefetch",
-                 "online_aug.augment", "online_aug.policy")
-    bad = {m: sorted(d for d in deps if d.startswith(forbidden)) for m, deps in g.items()
-           if m.startswith("online_aug.generator")}
-    assert not {m: d for m, d in bad.items() if d}, bad
+    bad = {m: sorted(d for d in deps if _within(d, forbidden)) for m, deps in g.items() if _within(m, importers)}
+    return {m: d for m, d in bad.items() if d}
+
+
+def test_generator_package_does_not_depend_on_data_or_training() -> None:
+    forbidden = ("online_aug.data", *RUNTIME, SDTRAIN, TESTING, "online_aug.experiments")
+    assert not (bad := _violations("online_aug.generator", forbidden)), bad
+
+
+def test_sd_training_wing_never_imports_the_classifier_runtime() -> None:
+    assert not (bad := _violations(SDTRAIN, (*RUNTIME, TESTING))), bad
+
+
+def test_classifier_runtime_never_imports_the_sd_training_wing() -> None:
+    assert not (bad := _violations(RUNTIME, (SDTRAIN,))), bad
 
 
 def test_data_flows_one_way() -> None:
@@ -123,3 +154,34 @@ def test_no_sys_path_hacks() -> None:
     offenders = [str(p.relative_to(ROOT)) for d in ("tools", "tests", "online_aug") for p in (ROOT / d).rglob("*.py")
                  if "sys.path.insert" in p.read_text() and p.name != "test_architecture.py"]
     assert not offenders, offenders
+
+
+def test_runtime_modules_never_import_the_testing_package() -> None:
+    runtime = tuple(m for m in _modules() if not _within(m, TESTING))
+    assert not (bad := _violations(runtime, (TESTING,))), bad
+
+
+def _testing_imports(path: Path) -> list[tuple[ast.AST, list[ast.AST]]]:
+    """Each import of online_aug.testing in ``path``, with the nodes around it (outermost first)."""
+    found: list[tuple[ast.AST, list[ast.AST]]] = []
+
+    def visit(node: ast.AST, outer: list[ast.AST]) -> None:
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(_within(n, TESTING) for n in names):
+            found.append((node, outer))
+        for child in ast.iter_child_nodes(node):
+            visit(child, [*outer, node])
+
+    visit(ast.parse(path.read_text()), [])
+    return found
+
+
+def test_outside_tests_only_gpu_check_and_train_py_under_the_fault_variable_import_testing() -> None:
+    scripts = [*sorted((ROOT / "tools").rglob("*.py")), ROOT / "train.py"]
+    users = {str(p.relative_to(ROOT)) for p in scripts if _testing_imports(p)}
+    assert users <= {"tools/gpu_check.py", "train.py"}, users
+    for node, outer in _testing_imports(ROOT / "train.py"):
+        guards = [n for n in outer if isinstance(n, ast.If) and "INJECT_ENV" in ast.unparse(n.test)]
+        assert guards and any(isinstance(n, ast.FunctionDef) for n in outer), (
+            f"train.py:{node.lineno} imports online_aug.testing outside a function's `if os.environ.get(INJECT_ENV)`")

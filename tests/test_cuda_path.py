@@ -17,6 +17,7 @@ from online_aug.distributed import deepspeed_config
 from online_aug.faults import DivergenceGuard
 from online_aug.losses import SoftTargetMixup
 from online_aug.prefetch import Prefetcher
+from online_aug.testing.sync import SyncLint
 
 META = torch.device("meta")  # a non-CPU device on a CPU machine: every host-to-device copy is visible to the lint
 
@@ -35,7 +36,7 @@ def test_deepspeed_config_has_nothing_that_synchronises_the_device(stage):
 
 
 def test_real_targets_and_mixup_lambda_are_made_on_the_device_without_a_sync():
-    lint = streams.SyncLint()
+    lint = SyncLint()
     with lint:
         b = real_batch(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), 0, 4, META)
         mix = SoftTargetMixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=4)
@@ -43,7 +44,7 @@ def test_real_targets_and_mixup_lambda_are_made_on_the_device_without_a_sync():
             mix(torch.rand(4, 3, 8, 8, device=META), torch.rand(4, 4, device=META))
     assert b.targets.device == META and b.targets.shape == (4, 4)
     assert lint.found == []
-    before = streams.SyncLint()
+    before = SyncLint()
     with before:  # what the code did before (here from a test file, so filed under external)
         torch.nn.functional.one_hot(torch.tensor([0, 1]), 4).float().to(META)
         torch.as_tensor(0.3, device=META)
@@ -66,13 +67,13 @@ def test_sync_lint_a_training_micro_step_makes_no_host_sync(trainer):
     """Forward, soft-target CE, Mixup, backward and optimizer step: no sync from this package's code. (DeepSpeed's
     own .item() calls, here torch's CPU step counters, are kept apart in lint.external.)"""
     for _ in range(2):
-        lint = streams.SyncLint()
+        lint = SyncLint()
         with lint:
             assert trainer.train_step(next(trainer.source)) is not None
         assert lint.found == []
     trainer.guard.every = 1  # the exact guard reads every micro-batch's loss on the host: the lint sees it
     try:
-        lint = streams.SyncLint()
+        lint = SyncLint()
         with lint:
             trainer.train_step(next(trainer.source))
         assert [w for w, where in lint.found] == ["float()"] and lint.found[0][1].startswith("faults.py")
@@ -83,7 +84,7 @@ def test_sync_lint_a_training_micro_step_makes_no_host_sync(trainer):
 def test_interval_guard_counts_on_the_device_and_reads_once_per_poll():
     net = torch.nn.Linear(2, 1)
     guard = DivergenceGuard(net, max_bad=3, max_loss=10.0, group=None, every=4)
-    lint = streams.SyncLint()
+    lint = SyncLint()
     with lint:
         for v in (1.0, float("nan"), 50.0, 2.0):
             guard.observe(torch.tensor(v))
@@ -179,13 +180,14 @@ def test_speed_keys_validate_and_fall_back_to_eager_on_cpu(tmp_path, capsys):
 
 def test_interval_guard_stops_without_saving_weights_a_bad_loss_reached(tmp_path):
     from online_aug import faults
+    from online_aug.testing.faults import NanSource
     from online_aug.trainer import Trainer
 
     cfg = load_config(None, ["train.steps=4", "train.batch_size=16", "train.guard_every=2", "run.device=cpu",
                              f"run.out_dir={tmp_path}", "train.eval_every=1000", "train.ckpt_every=2",
                              "aug.alpha=0", "data.image_size=16", "model.name=test_resnet"])
     tr = Trainer(cfg, show_progress=False)
-    tr.source = faults._NanSource(tr.source, {2})  # micro-step 2 is step 3: after the step-2 checkpoint
+    tr.source = NanSource(tr.source, {2})  # micro-step 2 is step 3: after the step-2 checkpoint
     with pytest.raises(faults.RunStopped) as info:
         tr.fit()
     assert info.value.status == faults.EXIT_FAULT

@@ -1,5 +1,6 @@
-"""The stream contract on CPU (online_aug/streams.py): fake per-thread streams with vector clocks and a dispatch mode
-that raises on an unordered access. The prefetch tests run under it, and each missing wait is caught."""
+"""The stream contract on CPU (online_aug/streams.py through online_aug/testing/hazards.py): fake per-thread streams
+with vector clocks and a dispatch mode that raises on an unordered access. The prefetch tests run under it, and each
+missing wait is caught."""
 
 import threading
 
@@ -10,6 +11,7 @@ from test_prefetch import FakeGenerator, _augmenter, _loader
 
 from online_aug import streams
 from online_aug.prefetch import Prefetcher, ProducerError
+from online_aug.testing import hazards
 
 CPU = torch.device("cpu")
 
@@ -31,7 +33,7 @@ def _in_thread(fn):
 
 
 def test_unordered_read_and_write_after_read_raise_and_waits_fix_them():
-    with streams.checking():
+    with hazards.checking():
         made = torch.ones(4)  # written on the default stream
         side = streams.Stream(CPU)
 
@@ -39,7 +41,7 @@ def test_unordered_read_and_write_after_read_raise_and_waits_fix_them():
             with streams.stream(side):
                 return made * 2
 
-        assert isinstance(_in_thread(read), streams.StreamHazard)  # read-after-write, no wait
+        assert isinstance(_in_thread(read), hazards.StreamHazard)  # read-after-write, no wait
         side.wait_stream(streams.current_stream(CPU))
         assert _in_thread(read) is None
 
@@ -49,11 +51,11 @@ def test_unordered_read_and_write_after_read_raise_and_waits_fix_them():
             with streams.stream(side):
                 if wait:
                     ev = streams.Event()
-                    ev.record(streams._DEFAULT)
+                    ev.record(hazards.DEFAULT)
                     side.wait_event(ev)
                 made.zero_()
 
-        assert isinstance(_in_thread(lambda: overwrite(False)), streams.StreamHazard)  # write-after-read
+        assert isinstance(_in_thread(lambda: overwrite(False)), hazards.StreamHazard)  # write-after-read
         assert _in_thread(lambda: overwrite(True)) is None
 
 
@@ -62,7 +64,7 @@ def test_unordered_read_and_write_after_read_raise_and_waits_fix_them():
                                   "test_wait_starvation_keeps_alpha_exact",
                                   "test_close_stops_a_blocked_producer_without_hanging"])
 def test_prefetch_tests_pass_under_the_stream_checker(name):
-    with streams.checking() as checker:
+    with hazards.checking() as checker:
         getattr(test_prefetch, name)()
     assert checker.ops > 0  # the checker saw the work, in both threads
 
@@ -87,45 +89,45 @@ def _consume(pre, n):
 
 
 def test_the_producer_stream_waits_for_tensors_made_before_it_started(monkeypatch):
-    with streams.checking():
+    with hazards.checking():
         pre = Prefetcher(_loader(), _augmenter(CachedEmbeds()), CPU, depth=1)
         try:
             _consume(pre, 4)
         finally:
             pre.close()
     # defect 2 of the CUDA review: without the side stream's wait on the creating stream, the cache read is caught
-    monkeypatch.setattr(streams.FakeStream, "wait_stream", lambda self, other: None)
-    with streams.checking():
+    monkeypatch.setattr(hazards.FakeStream, "wait_stream", lambda self, other: None)
+    with hazards.checking():
         pre = Prefetcher(_loader(), _augmenter(CachedEmbeds()), CPU, depth=1)
         try:
             with pytest.raises(ProducerError) as info:
                 _consume(pre, 4)
         finally:
             pre.close()
-    assert isinstance(info.value.__cause__, streams.StreamHazard) and "wait" in str(info.value.__cause__)
+    assert isinstance(info.value.__cause__, hazards.StreamHazard) and "wait" in str(info.value.__cause__)
 
 
 def test_a_ring_slot_reused_without_waiting_for_its_release_is_caught(monkeypatch):
     from online_aug import prefetch
 
     monkeypatch.setattr(prefetch._Ring, "release", lambda self, batch: None)  # the released event never reaches put
-    with streams.checking():
+    with hazards.checking():
         pre = Prefetcher(_loader(), _augmenter(FakeGenerator()), CPU, depth=1)
         try:
             with pytest.raises(ProducerError) as info:
                 _consume(pre, 8)  # 3 slots: the 4th batch overwrites the first one's slot
         finally:
             pre.close()
-    assert isinstance(info.value.__cause__, streams.StreamHazard)
+    assert isinstance(info.value.__cause__, hazards.StreamHazard)
     assert "may still be reading" in str(info.value.__cause__)
 
 
 def test_a_consumer_that_does_not_wait_for_the_ready_event_is_caught(monkeypatch):
     monkeypatch.setattr(streams, "wait", lambda device, event: None)
-    with streams.checking():
+    with hazards.checking():
         pre = Prefetcher(_loader(), _augmenter(FakeGenerator()), CPU, depth=1)
         try:
-            with pytest.raises(streams.StreamHazard, match="without waiting"):
+            with pytest.raises(hazards.StreamHazard, match="without waiting"):
                 _consume(pre, 1)
         finally:
             pre.close()
@@ -133,7 +135,7 @@ def test_a_consumer_that_does_not_wait_for_the_ready_event_is_caught(monkeypatch
 
 def test_holding_two_batches_of_the_ring_is_refused():
     """Defect 3: a consumer that asks for batch k+1 before releasing k would train on an overwritten slot."""
-    with streams.checking():
+    with hazards.checking():
         pre = Prefetcher(_loader(), _augmenter(FakeGenerator()), CPU, depth=2)
         try:
             first = next(pre)
