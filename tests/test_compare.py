@@ -204,32 +204,31 @@ def _fake_run(runs: Path, name: str, config: dict, last_step: int) -> Path:
 
 
 def test_a_finished_run_that_used_train_epochs_is_reused(tmp_path) -> None:
-    """With train.epochs the trainer derives the step count from the split: a run folder that records it (in
-    train.steps, or beside the config sections) is the asked config, finished when it reached that count."""
+    """With train.epochs the trainer derives the step count from the split and records it in config.yaml's
+    resolved: section (runs written before that section kept it in train.steps): either way the run folder holds the
+    asked config, and it is finished when it reached the recorded count."""
     import math
 
     from online_aug.data import build_splits
 
-    cfg = load_config(ROOT / "configs" / "baseline.yaml", ["train.epochs=1", "train.batch_size=8",
-                                                           "run.name=ce-seed0"])
-    want = asdict(cfg)
+    asked = ["train.epochs=1", "train.batch_size=8", "run.name=ce-seed0"]
+    cfg = load_config(ROOT / "configs" / "baseline.yaml", asked)
     steps = math.ceil(len(build_splits(cfg.data).train) / 8)
     assert steps != cfg.train.steps
-    written_back = load_config(ROOT / "configs" / "baseline.yaml", ["train.epochs=1", "train.batch_size=8",
-                                                                    "run.name=ce-seed0", f"train.steps={steps}"])
-    save_config(written_back, tmp_path / "c.yaml")
-    forms = {"steps written into train.steps": yaml.safe_load((tmp_path / "c.yaml").read_text()),
-             "a record beside the config": {**cfg.to_dict(), "resolved": {"steps": steps}}}
-    for i, (form, config) in enumerate(forms.items()):
-        runs = tmp_path / f"runs{i}"
+    save_config(cfg, tmp_path / "recorded.yaml", resolved={"train_steps": steps})
+    save_config(load_config(ROOT / "configs" / "baseline.yaml", [*asked, f"train.steps={steps}"]),
+                tmp_path / "written-back.yaml")
+    want = asdict(cfg)
+    for form in ("recorded", "written-back"):
+        config = yaml.safe_load((tmp_path / f"{form}.yaml").read_text())
+        runs = tmp_path / form
         _fake_run(runs, "ce-seed0", config, steps - 1)  # stopped one step short: not finished
         assert finished_run(runs, "ce-seed0", want) is None, form
         done = _fake_run(runs, "ce-seed1", config, steps)
         assert finished_run(runs, "ce-seed1", want) == done, form
     # another number of epochs is another config
-    other = asdict(load_config(ROOT / "configs" / "baseline.yaml", ["train.epochs=2", "train.batch_size=8",
-                                                                    "run.name=ce-seed0"]))
-    assert finished_run(tmp_path / "runs1", "ce-seed1", other) is None
+    other = asdict(load_config(ROOT / "configs" / "baseline.yaml", ["train.epochs=2", *asked[1:]]))
+    assert finished_run(tmp_path / "recorded", "ce-seed1", other) is None
 
 
 def test_committed_suite_tables_render_from_their_results() -> None:

@@ -16,19 +16,17 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, load_config
+from ..config import ConfigError, load_config, read_resolved
 from ..monitor import read_summary
 from .suites import ROOT
 
 GENERATORS_FILE = "compare_generators.json"  # what the run's generator folders held (a resumed comparison checks it)
 WALL_FILE = "compare_wall_s.txt"  # the run's wall time, so a resumed comparison still reports it
-SECTIONS = {f.name for f in dataclasses.fields(Config)}
 
 
 def generator_fingerprint(aug: dict[str, Any]) -> dict[str, str]:
@@ -70,45 +68,25 @@ def run_dirs(runs: Path, name: str) -> set[Path]:
 
 
 def user_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config (as a dict) that the user chose: with ``train.epochs > 0`` the trainer derives
-    the step count from the training split, and ``train.steps`` plays no part, whatever a run folder recorded
-    there."""
+    """The part of a resolved config (as a dict) that decides a run: with ``train.epochs > 0`` the trainer derives
+    the step count from the training split and ``train.steps`` plays no part (a run written before config.yaml's
+    ``resolved:`` record kept the derived count there)."""
     cfg = copy.deepcopy(cfg)
     if cfg["train"].get("epochs", 0) > 0:
         cfg["train"]["steps"] = None
     return cfg
 
 
-def _load(data: dict[str, Any]) -> Config:
-    """load_config of a config dict (load_config reads files only)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-        f.flush()
-        return load_config(f.name)
-
-
-def saved_config(run: Path) -> dict[str, Any] | None:
-    """A run folder's ``config.yaml`` as the resolved config dict, without what the trainer recorded beside the
-    config sections (a ``resolved:`` record, say); None when it cannot be read as this version's config."""
+def saved_config(run: Path) -> tuple[dict[str, Any], int] | None:
+    """A run folder's config (``config.yaml`` less its ``resolved:`` record) as a dict, and the optimizer steps the
+    run was to train (the record's ``train_steps``; a run written before the record kept it in ``train.steps``);
+    None when it cannot be read as this version's config."""
+    path = run / "config.yaml"
     try:
-        data = yaml.safe_load((run / "config.yaml").read_text())
-        if not isinstance(data, dict):
-            return None
-        return dataclasses.asdict(_load({k: v for k, v in data.items() if k in SECTIONS}))
+        cfg = load_config(path)
     except (ConfigError, OSError, yaml.YAMLError):  # another version's keys, or unreadable: not reused
         return None
-
-
-def planned_steps(want: dict[str, Any]) -> int:
-    """The optimizer steps a run of config ``want`` trains: ``train.steps``, or with ``train.epochs > 0`` the count
-    the trainer resolves from the training split's size (built here the same way: data only, no model)."""
-    if want["train"].get("epochs", 0) <= 0:
-        return int(want["train"]["steps"])
-    from ..data import build_splits
-    from ..optim import resolve_steps
-
-    cfg = _load(want)
-    return int(resolve_steps(cfg, len(build_splits(cfg.data).train)))
+    return dataclasses.asdict(cfg), int(read_resolved(path).get("train_steps", cfg.train.steps))
 
 
 def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
@@ -119,22 +97,20 @@ def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
     at a fine-tuned generator) is rerun instead of silently reusing results of the old settings.
     """
     want_user = user_config(want)
-    steps: int | None = None
     for run in sorted(run_dirs(runs, name), reverse=True):
         rows = read_summary(run)
-        if not rows or (got := saved_config(run)) is None:
+        if not rows or (saved := saved_config(run)) is None:
             continue
-        got = user_config(got)
+        got, steps = user_config(saved[0]), saved[1]
         if got != want_user:
             diff = [f"{sec}.{k}" for sec in want_user for k in want_user[sec]
                     if got.get(sec, {}).get(k) != want_user[sec][k]]
             print(f"note: {run} finished with other settings ({', '.join(diff[:4])}); not reused", file=sys.stderr)
             continue
-        saved = run / GENERATORS_FILE  # runs from before it was written: reused on their config alone
-        if saved.is_file() and json.loads(saved.read_text()) != generator_fingerprint(want["aug"]):
+        made_with = run / GENERATORS_FILE  # runs from before it was written: reused on their config alone
+        if made_with.is_file() and json.loads(made_with.read_text()) != generator_fingerprint(want["aug"]):
             print(f"note: {run} was made with generator files that have changed since; not reused", file=sys.stderr)
             continue
-        steps = planned_steps(want) if steps is None else steps
         if int(rows[-1]["step"]) == steps:
             return run
     return None
