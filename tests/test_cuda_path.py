@@ -4,6 +4,7 @@ the producer thread's device."""
 
 import json
 import threading
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,38 @@ def test_sync_lint_a_training_micro_step_makes_no_host_sync(trainer):
         assert [w for w, where in lint.found] == ["float()"] and lint.found[0][1].startswith("faults.py")
     finally:
         trainer.guard.every = 5
+
+
+class _SyncingSource:
+    """A batch source whose ``fault`` attribute makes a sync the way a library call does (a CUDA sync-debug warning
+    raised below this package's frame)."""
+
+    @property
+    def fault(self):
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+        return None
+
+
+def test_sync_lint_from_cuda_warnings_files_a_library_sync_under_our_calling_line(monkeypatch):
+    """gpu-check's mode: torch's sync-debug warnings (faked here: no CUDA) are counted by thread and by the innermost
+    frame of this package (faults.source_fault), while ``external`` names the library frame that made the sync."""
+    from online_aug import faults
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    passed = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: passed.append(str(message)))
+    with SyncLint(cuda=True) as lint:
+        assert faults.source_fault(_SyncingSource()) is None
+        t = threading.Thread(target=faults.source_fault, args=(_SyncingSource(),), name="producer")
+        t.start()
+        t.join()
+    assert modes == ["warn", "default"] and set(passed) == {"an unrelated warning"}  # other warnings pass through
+    assert lint.found == [] and [where.split(":")[0] for _, where in lint.external] == ["test_cuda_path.py"] * 2
+    (site,) = lint.by_site
+    assert site.startswith("faults.py:") and site.endswith(" source_fault") and lint.by_site[site] == 2
+    assert dict(lint.by_thread) == {"MainThread": 1, "producer": 1} and lint.ours_in_main == 1
 
 
 def test_interval_guard_counts_on_the_device_and_reads_once_per_poll():
