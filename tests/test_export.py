@@ -1,4 +1,4 @@
-"""Classifier recipes end to end (issue 11, items 5-6): SGD + Nesterov for train.epochs with best-on-val selection,
+"""Classifier recipes end to end: SGD + Nesterov for train.epochs with best-on-val selection,
 a frozen pretrained backbone, and the export of both runs as timm / Hugging Face folders that timm loads and that
 reproduce the run's test accuracy exactly.
 
@@ -206,3 +206,21 @@ def test_export_without_a_checkpoint_is_one_line_naming_the_folder(tmp_path: Pat
                      f"run finish?)"]
     with pytest.raises(ConfigError, match="not a run directory"):
         export_run(tmp_path / "nowhere")
+
+
+def test_the_exported_tag_is_the_one_the_final_metrics_describe(tmp_path: Path) -> None:
+    """checkpoint.final_tag: ``best`` for train.select=val, else the tag a resume would pick (never an incomplete one);
+    a folder from before completeness markers gives the tag ``latest`` names; an empty one gives None."""
+    from online_aug.checkpoint import BEST, MARKER, final_tag
+
+    ckpt = tmp_path / "checkpoints"
+    assert final_tag(ckpt) is None and final_tag(ckpt, "val") is None
+    for tag in ("step00000004", "step00000008"):
+        (ckpt / tag).mkdir(parents=True)
+    (ckpt / "latest").write_text("step00000004")
+    assert final_tag(ckpt) == "step00000004"  # no markers: a folder written before them
+    (ckpt / "step00000004" / MARKER).write_text(json.dumps({"seq": 1}))
+    (ckpt / "latest").write_text("step00000008")  # step 8 never completed
+    assert final_tag(ckpt) == "step00000004" and final_tag(ckpt, "val") == "step00000004"
+    (ckpt / BEST).mkdir()
+    assert final_tag(ckpt, "val") == BEST and final_tag(ckpt, "last") == "step00000004"
