@@ -31,6 +31,7 @@ from .rng import step_rng
 
 # (edited images [M,3,H,W], target classes [M]) -> keep mask [M] bool (True keeps the edit)
 NONFINITE_WINDOW, NONFINITE_WARN = 64, 0.05  # edits per window; share of non-finite edits that is worth a warning
+AUDIT_PER_CLASS = 64  # training images per class the audit's judge is fit on and its copies are measured against
 GUARD_PER_CLASS = 16  # images per class in the near-duplicate bank: enough to flag copies, cheap to load
 
 EditFilter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,6 +59,7 @@ class Augmenter:
         self.source_reader = source_reader
         self._nonfinite = [0, 0]  # (non-finite edits, edits) in the current window of NONFINITE_WINDOW edits
         self.nonfinite_warned = False
+        self.audit = None  # the generator audit build_augmenter ran (aug.guard), reported by the trainer
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, micro_step: int,
                  masks: torch.Tensor | None = None, geom: torch.Tensor | None = None) -> Batch:
@@ -221,9 +223,16 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
     # read before the SD loads: a bad file fails in a second, not after the model
     label_rates = read_label_rates(cfg.aug.label_rates, splits.num_classes) if cfg.aug.label_rates else None
     editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
+    audit = None
+    if cfg.aug.audit:  # before the speed options: the audit's batch shapes are not the run's
+        from .audit import audit_generator
+
+        audit = audit_generator(cfg, editor, guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS),
+                                splits.class_names, splits.train.class_counts(), device)
     apply_speed_options(editor, cfg.aug)  # aug.cuda_graph / aug.compile / aug.channels_last (CUDA only)
+    allowed = audit.allowed if audit is not None and cfg.aug.guard == "on" else None
     policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts(), num_templates=editor.num_templates,
-                       label_rates=label_rates)
+                       label_rates=label_rates, allowed=allowed)
     edit_filter = None
     if cfg.aug.filter_fraction > 0:
         from .generator.clip_filter import build_clip_filter
@@ -237,10 +246,12 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
         from .data import EditSourceReader
 
         source_reader = EditSourceReader(splits.train, editor.resolution)
-    return Augmenter(policy, editor, device, cfg.run.seed, rank,
-                     resolve_class_names(cfg.aug.class_names, splits.class_names),
-                     example_every=cfg.aug.image_every * accum, edit_filter=edit_filter, board=board,
-                     dup_guard=dup_guard, reuse=cfg.aug.reuse, safety=safety, source_reader=source_reader)
+    augmenter = Augmenter(policy, editor, device, cfg.run.seed, rank,
+                          resolve_class_names(cfg.aug.class_names, splits.class_names),
+                          example_every=cfg.aug.image_every * accum, edit_filter=edit_filter, board=board,
+                          dup_guard=dup_guard, reuse=cfg.aug.reuse, safety=safety, source_reader=source_reader)
+    augmenter.audit = audit
+    return augmenter
 
 
 def guard_bank(train, num_classes: int, per_class: int = GUARD_PER_CLASS) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the fix."""
 
 
-# aug.method names (one preset in configs/ each, see README "Presets"); "custom" is any other combination.
+# aug.method names (one preset in configs/ each, see docs/presets.md); "custom" is any other combination.
 METHODS: tuple[str, ...] = (
     "custom", "baseline", "baseline-randaugment", "baseline-mixup-cutmix", "baseline-drw", "baseline-label-smoothing",
     "baseline-cb", "baseline-cmo", "baseline-upper-bound",
@@ -34,49 +34,106 @@ OnFault = Literal["stop", "real"]  # aug.on_fault, and what a Prefetcher does on
 FAULT_MODES: tuple[str, ...] = typing.get_args(OnFault)
 
 
-def doc(default: Any, text: str, **kw: Any) -> Any:
-    """A dataclass field with a default and a one-line description."""
+@dataclass(frozen=True)
+class Bounds:
+    """A field's simple bounds (of every item, for a list field), declared next to it with :func:`doc` and checked by
+    :func:`check_bounds`; ``note`` says what the bound means where the key's name does not."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[Any, ...] = ()
+    note: str = ""
+
+    def interval(self) -> str:
+        """The numeric range as the messages and the config reference write it: ``[0, 1)``, ``>= 1``, ``> 0``."""
+        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else ""
+        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else ""
+        if lo and hi:
+            return f"{lo}, {hi}"
+        if lo:
+            return f"{'>=' if self.ge is not None else '>'} {lo[1:]}"
+        if hi:
+            return f"{'<=' if self.le is not None else '<'} {hi[:-1]}"
+        return ""
+
+    def check(self, key: str, value: Any) -> None:
+        """ConfigError naming ``key`` unless ``value`` is within the bounds (NaN never is)."""
+        why = f" ({self.note})" if self.note else ""
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(map(str, self.choices))}{why}")
+        # written so that a comparison with NaN fails
+        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        if not ok:
+            interval = self.interval()
+            raise ConfigError(f"{key} must be {'in ' if interval[0] in '[(' else ''}{interval}{why}, got {value}")
+
+
+def doc(default: Any, text: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, choices: tuple[Any, ...] = (), note: str = "", **kw: Any) -> Any:
+    """A dataclass field with a default, a one-line description and optional bounds (``ge``/``gt``/``le``/``lt``,
+    ``choices``; for a list field, of each item) that :func:`check_bounds` enforces."""
+    meta: dict[str, Any] = {"doc": text}
+    if ge is not None or gt is not None or le is not None or lt is not None or choices:
+        meta["bounds"] = Bounds(ge, gt, le, lt, tuple(choices), note)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text}, **kw)
-    return field(default=default, metadata={"doc": text}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def check_bounds(section: Any, name: str) -> None:
+    """Every declared bound of a config section (``name``: its key prefix, e.g. ``aug``), field by field in
+    declaration order; a list field's items are named ``<key>[i]``."""
+    for f in dataclasses.fields(section):
+        bounds: Bounds | None = f.metadata.get("bounds")
+        if bounds is None:
+            continue
+        key, value = f"{name}.{f.name}", getattr(section, f.name)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                bounds.check(f"{key}[{i}]", item)
+        else:
+            bounds.check(key, value)
+
+
+def fp16_needs_cuda(key: str, value: str, on_cpu: bool) -> None:
+    """fp16 runs on CUDA only (DeepSpeed has no fp16 on CPU; the generator's fp16 kernels are CUDA's): the one
+    statement of the rule, for the config at load (``on_cpu`` from run.device) and for a generator built on a device
+    a tool picked."""
+    if value == "fp16" and on_cpu:
+        raise ConfigError(f"{key}=fp16 needs CUDA; use {key}=fp32 or bf16 on CPU")
 
 
 def _at_least(key: str, value: float, lo: float) -> None:
-    if value < lo:
-        raise ConfigError(f"{key} must be >= {lo}, got {value}")
+    Bounds(ge=lo).check(key, value)
 
 
 def _in_range(key: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    """ConfigError unless lo <(=) value <(=) hi; the message writes the interval the way the check reads."""
-    below = value <= lo if lo_open else value < lo
-    above = value >= hi if hi_open else value > hi
-    if below or above:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ConfigError(f"{key} must be in {interval}, got {value}")
+    Bounds(ge=None if lo_open else lo, gt=lo if lo_open else None, le=None if hi_open else hi,
+           lt=hi if hi_open else None).check(key, value)
 
 
 @dataclass
 class RunConfig:
     name: str = doc("run", "Run name; the run directory is <out_dir>/<date-time>-<name>.")
     out_dir: str = doc("runs", "Parent folder of run directories.")
-    seed: int = doc(0, "Seed for model init, data order and the per-step augmentation RNG.")
+    seed: int = doc(0, "Seed for model init, data order and the per-step augmentation RNG.", ge=0)
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "Where the classifier and generator run.")
     reference: str = doc("", "<results.csv>:<row> of tools/compare.py printed beside the final table (mean over its "
                              "seeds), e.g. the committed CE baseline of the same split; empty: none.")
     stop_signals: list[str] = doc(["SIGTERM", "SIGUSR1"], "Signals that stop the run cleanly: finish the step, "
-                                                          "checkpoint, exit 75 (Ctrl-C too); README 'Faults'.")
+                                                          "checkpoint, exit 75 (Ctrl-C too); docs/faults.md.",
+                                  choices=STOP_SIGNALS, note="the signals that can stop a run")
 
     def validate(self) -> None:
+        check_bounds(self, "run")
         if not self.name or "/" in self.name or "\\" in self.name:
             raise ConfigError(f"run.name={self.name!r} must be a non-empty name without '/' (the run directory is "
                               f"<out_dir>/<date-time>-<name>; put folders in run.out_dir)")
         if not self.out_dir:
             raise ConfigError("run.out_dir is empty; give the parent folder of run directories (e.g. runs)")
-        _at_least("run.seed", self.seed, 0)
-        for name in self.stop_signals:
-            if name not in STOP_SIGNALS:
-                raise ConfigError(f"run.stop_signals: {name!r} is not a signal that can stop a run; use names from "
-                                  f"{', '.join(STOP_SIGNALS)}")
 
 
 @dataclass
@@ -86,62 +143,47 @@ class DataConfig:
     )
     root: str = doc("data", "Data folder (download target for CIFAR; class folders for imagefolder).")
     test_root: str = doc("", "imagefolder only: a separate test folder; empty means a stratified split of root.")
-    image_size: int = doc(32, "Side length, in pixels, of the images the classifier sees.")
+    image_size: int = doc(32, "Side length, in pixels, of the images the classifier sees.", ge=8)
     split_seed: int = doc(0, "Seed of the train/test split and long-tail subsample (fixed across run seeds, so a "
-                                "generator trained on the training split never sees a test image).")
-    test_fraction: float = doc(0.3, "Stratified test fraction for digits / imagefolder without test_root.")
+                                "generator trained on the training split never sees a test image).", ge=0)
+    test_fraction: float = doc(0.3, "Stratified test fraction for digits / imagefolder without test_root.", gt=0,
+                               lt=1)
     val_per_class: int = doc(0, "Balanced validation split: this many training images per class, held out before "
-                                "the pool and the long-tail subsample (every choice is made on it).")
+                                "the pool and the long-tail subsample (every choice is made on it).", ge=0)
     pool_fraction: float = doc(0.0, "Generator pool: stratified fraction of the remaining training images that the "
-                                    "classifier never sees (a generator may be pretrained on it; tools --data pool).")
+                                    "classifier never sees (a generator may be pretrained on it; tools --data pool).",
+                                ge=0, lt=1)
     train_with_pool: bool = doc(False, "Add the pool's real images to the classifier's training split (the "
                                        "'more real data' upper bound).")
-    val_fraction: float = doc(0.0, "Legacy: fraction of the long-tail training split held out for validation "
-                                   "(prefer val_per_class).")
-    imbalance_ratio: float = doc(1.0, "Long-tail ratio n_max/n_min (>= 1; 1 keeps the data balanced).")
+    val_fraction: float = doc(0.0, "Legacy, kept for older configs: fraction of the long-tail training split held "
+                                   "out for validation (stratified, so not balanced); use val_per_class.", ge=0, lt=1)
+    imbalance_ratio: float = doc(1.0, "Long-tail ratio n_max/n_min (>= 1; 1 keeps the data balanced).", ge=1,
+                                 note="max/min class count")
     longtail_profile: Literal["cifar", "diffmix"] = doc(
         "cifar", "cifar: n_c = int(n_max*ratio^(-c/(C-1))), n_max the smallest class (Cao et al. 2019); diffmix: "
                  "Diff-Mix eq. 4, n_k = max(int(n_mean*ratio^(-k/(C-2))), 1), classes by size (Table 10's totals).")
     class_order_seed: int = doc(0, "Seed of the class order used by the long-tail profile (-1 keeps 0..C-1; diffmix: "
-                                   "breaks ties between equal-sized classes).")
+                                   "breaks ties between equal-sized classes).", ge=-1, note="-1: the order 0..C-1")
     shots: int = doc(0, "Few-shot: keep k training images per class (seeded by split_seed), after the val/pool "
-                        "split; 0 keeps all.")
+                        "split; 0 keeps all.", ge=0)
     many_threshold: int = doc(100, "Classes with more training images than this are 'many'-shot.")
-    few_threshold: int = doc(20, "Classes with fewer training images than this are 'few'-shot.")
+    few_threshold: int = doc(20, "Classes with fewer training images than this are 'few'-shot.", ge=0)
     sampler: Literal["random", "class_balanced"] = doc(
         "random", "random: epochs of the training split; class_balanced: every class equally often (CB resampling).")
-    num_workers: int = doc(0, "DataLoader worker processes.")
+    num_workers: int = doc(0, "DataLoader worker processes.", ge=0)
     download: bool = doc(False, "Allow torchvision to download CIFAR when it is missing.")
 
     def validate(self) -> None:
-        if self.imbalance_ratio < 1:
-            raise ConfigError(f"data.imbalance_ratio must be >= 1 (max/min class count), got {self.imbalance_ratio}")
-        if not 0 < self.test_fraction < 1:
-            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.val_per_class < 0:
-            raise ConfigError(f"data.val_per_class must be >= 0, got {self.val_per_class}")
+        check_bounds(self, "data")
         if self.val_per_class and self.val_fraction:
             raise ConfigError("data.val_per_class and data.val_fraction both set: keep one (val_per_class is balanced)")
-        if not 0 <= self.pool_fraction < 1:
-            raise ConfigError(f"data.pool_fraction must be in [0, 1), got {self.pool_fraction}")
         if self.train_with_pool and self.pool_fraction <= 0:
             raise ConfigError("data.train_with_pool=true needs a pool: set data.pool_fraction (e.g. 0.5)")
-        _at_least("data.shots", self.shots, 0)
         if self.shots and self.imbalance_ratio > 1:
             raise ConfigError(f"data.shots={self.shots} keeps k images of every class, which undoes "
                               f"data.imbalance_ratio={self.imbalance_ratio}; keep one (imbalance_ratio=1 for few-shot)")
-        _at_least("data.few_threshold", self.few_threshold, 0)
         if self.few_threshold > self.many_threshold:
             raise ConfigError("data.few_threshold must be <= data.many_threshold")
-        if self.image_size < 8:
-            raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
-        _at_least("data.split_seed", self.split_seed, 0)
-        if self.class_order_seed < -1:
-            raise ConfigError(f"data.class_order_seed must be >= 0, or -1 for the order 0..C-1; got "
-                              f"{self.class_order_seed}")
-        _at_least("data.num_workers", self.num_workers, 0)
         if not self.root:
             raise ConfigError("data.root is empty; give the data folder (e.g. data)")
 
@@ -152,14 +194,14 @@ class ModelConfig:
     pretrained: bool = doc(False, "Load timm pretrained weights (needs the hub).")
     pretrained_file: str = doc("", "model.pretrained from a local weights file (.safetensors/.pth) instead of the "
                                    "hub; a head of another class count is dropped.")
-    drop_rate: float = doc(0.0, "Classifier dropout rate.")
+    drop_rate: float = doc(0.0, "Classifier dropout rate.", ge=0, lt=1)
     freeze_backbone: bool = doc(False, "Train the classifier head only (a linear probe): the pretrained backbone "
                                        "stays frozen, in eval mode (fixed BatchNorm statistics).")
 
     def validate(self) -> None:
+        check_bounds(self, "model")
         if not self.name:
             raise ConfigError("model.name is empty; give a timm model name (e.g. resnet10t)")
-        _in_range("model.drop_rate", self.drop_rate, 0, 1, hi_open=True)
         if self.freeze_backbone and not self.pretrained:
             raise ConfigError("model.freeze_backbone=true trains the head on a random backbone: set "
                               "model.pretrained=true (or model.freeze_backbone=false)")
@@ -169,39 +211,40 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = doc(300, "Optimizer steps (ignored when train.epochs > 0).")
+    steps: int = doc(300, "Optimizer steps (ignored when train.epochs > 0).", ge=1)
     epochs: int = doc(0, "> 0: train this many epochs instead; steps = ceil(epochs * training images / batch_size), "
-                         "counted after the split protocol and recorded in the run's config.yaml.")
-    batch_size: int = doc(64, "Global batch size (all ranks, all micro-batches).")
-    micro_batch_size: int = doc(0, "Per-rank micro-batch; 0 means batch_size / world_size (no accumulation).")
+                         "counted after the split protocol and recorded in the run's config.yaml.", ge=0)
+    batch_size: int = doc(64, "Global batch size (all ranks, all micro-batches).", ge=1)
+    micro_batch_size: int = doc(0, "Per-rank micro-batch; 0 means batch_size / world_size (no accumulation).", ge=0)
     optimizer: Literal["adamw", "sgd"] = doc("adamw", "adamw (decoupled weight decay) or sgd (momentum, L2 weight "
                                                       "decay), on the trainable parameters.")
-    lr: float = doc(2e-3, "Peak learning rate.")
-    momentum: float = doc(0.9, "sgd: momentum.")
+    lr: float = doc(2e-3, "Peak learning rate.", gt=0)
+    momentum: float = doc(0.9, "sgd: momentum.", ge=0, lt=1)
     nesterov: bool = doc(False, "sgd: Nesterov momentum.")
-    weight_decay: float = doc(0.05, "Weight decay (AdamW: decoupled; SGD: L2).")
-    warmup_steps: int = doc(20, "Linear warm-up steps before cosine decay.")
-    min_lr_ratio: float = doc(0.05, "Final learning rate as a fraction of lr.")
+    weight_decay: float = doc(0.05, "Weight decay (AdamW: decoupled; SGD: L2).", ge=0)
+    warmup_steps: int = doc(20, "Linear warm-up steps before cosine decay.", ge=0)
+    min_lr_ratio: float = doc(0.05, "Final learning rate as a fraction of lr.", ge=0, le=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
         "auto", "Classifier precision: auto is bf16 on CUDA when supported, else fp16 on CUDA, fp32 on CPU."
     )
-    zero_stage: int = doc(0, "DeepSpeed ZeRO stage (0, 1, 2 or 3).")
-    grad_clip: float = doc(1.0, "Gradient clipping norm (0 disables).")
-    label_smoothing: float = doc(0.0, "Label smoothing applied to the (soft) targets.")
+    zero_stage: int = doc(0, "DeepSpeed ZeRO stage (0, 1, 2 or 3).", choices=(0, 1, 2, 3))
+    grad_clip: float = doc(1.0, "Gradient clipping norm (0 disables).", ge=0)
+    label_smoothing: float = doc(0.0, "Label smoothing applied to the (soft) targets.", ge=0, lt=1)
     drw_start: float = doc(0.0, "Deferred re-weighting: from this fraction of steps on, weight classes by the "
-                                "effective number (beta 0.9999); 0 disables.")
-    eval_every: int = doc(100, "Evaluate every N steps (and at the end).")
-    log_every: int = doc(10, "Write train scalars every N steps.")
-    ckpt_every: int = doc(0, "Save a checkpoint every N steps (0: only at the end).")
-    keep_last: int = doc(2, "Complete checkpoints to keep (the newest complete one is never deleted).")
+                                "effective number (beta 0.9999); 0 disables.", ge=0, lt=1)
+    eval_every: int = doc(100, "Evaluate every N steps (and at the end).", ge=1)
+    log_every: int = doc(10, "Write train scalars every N steps.", ge=1)
+    ckpt_every: int = doc(0, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_last: int = doc(2, "Complete checkpoints to keep (the newest complete one is never deleted).", ge=1)
     max_bad_steps: int = doc(5, "Divergence guard: a micro-batch with a non-finite loss (or above train.max_loss) is "
-                                "skipped and counted; this many in a row stop the run (exit 3); 0: off.")
-    max_loss: float = doc(0.0, "Divergence guard: a finite loss above this also counts as bad (0: no threshold).")
+                                "skipped and counted; this many in a row stop the run (exit 3); 0: off.", ge=0)
+    max_loss: float = doc(0.0, "Divergence guard: a finite loss above this also counts as bad (0: no threshold).",
+                          ge=0)
     guard_every: int = doc(1, "Divergence guard interval: 1 reads each micro-batch's loss on the host and skips a bad "
                               "one exactly (a device sync per micro-batch on GPU); N > 1 checks on the device and "
                               "reads every N steps (no per-step sync): a bad loss then stops the run (exit 3) "
-                              "without saving the weights it reached.")
-    eval_batch_size: int = doc(256, "Per-rank eval batch size.")
+                              "without saving the weights it reached.", ge=1)
+    eval_batch_size: int = doc(256, "Per-rank eval batch size.", ge=1)
     eval_split: Literal["test", "val"] = doc(
         "test", "Split evaluated during and after training; 'val' (needs data.val_per_class or val_fraction) "
                 "for tuning."
@@ -213,55 +256,23 @@ class TrainConfig:
         "none", "Real-image training transform: none (images as stored), or timm's create_transform: "
                 "random-resized-crop from the full-resolution image, flip, colour jitter, train.randaugment.")
     crop_scale: list[float] = doc([0.08, 1.0], "transform=timm: random-resized-crop area range [lo, hi].")
-    hflip: float = doc(0.5, "transform=timm: horizontal flip probability.")
+    hflip: float = doc(0.5, "transform=timm: horizontal flip probability.", ge=0, le=1)
     color_jitter: float = doc(0.4, "transform=timm: brightness/contrast/saturation jitter (0: off; timm turns it "
-                                   "off when train.randaugment is set).")
+                                   "off when train.randaugment is set).", ge=0)
     randaugment: str = doc("", "timm RandAugment spec for real images, e.g. 'rand-m9-mstd0.5' (empty: off).")
-    mixup_alpha: float = doc(0.0, "timm Mixup alpha (0 disables).")
-    cutmix_alpha: float = doc(0.0, "timm CutMix alpha (0 disables).")
-    mix_prob: float = doc(1.0, "Probability of applying Mixup/CutMix to a batch.")
+    mixup_alpha: float = doc(0.0, "timm Mixup alpha (0 disables).", ge=0)
+    cutmix_alpha: float = doc(0.0, "timm CutMix alpha (0 disables).", ge=0)
+    mix_prob: float = doc(1.0, "Probability of applying Mixup/CutMix to a batch.", ge=0, le=1)
     cmo_prob: float = doc(0.0, "CMO (Park et al. 2022): probability of pasting a CutMix box from a class-balanced "
-                               "(minority) batch onto each batch; 0 disables.")
+                               "(minority) batch onto each batch; 0 disables.", ge=0, le=1)
 
     def validate(self, world_size: int = 1) -> None:
         """This section's keys; the batch split is checked for ``world_size`` (1 at load, the real one at launch)."""
-        if self.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
-        _at_least("train.epochs", self.epochs, 0)
-        _in_range("train.momentum", self.momentum, 0, 1, hi_open=True)
+        check_bounds(self, "train")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             raise ConfigError("train.nesterov=true needs train.optimizer=sgd and train.momentum > 0")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"train.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
-        _in_range("train.hflip", self.hflip, 0, 1)
-        _at_least("train.color_jitter", self.color_jitter, 0)
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        _at_least("train.batch_size", self.batch_size, 1)
-        _at_least("train.micro_batch_size", self.micro_batch_size, 0)
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        _at_least("train.weight_decay", self.weight_decay, 0)
-        _at_least("train.warmup_steps", self.warmup_steps, 0)
-        _in_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
-        _at_least("train.grad_clip", self.grad_clip, 0)
-        _at_least("train.eval_every", self.eval_every, 1)
-        _at_least("train.log_every", self.log_every, 1)
-        _at_least("train.ckpt_every", self.ckpt_every, 0)
-        _at_least("train.keep_last", self.keep_last, 1)
-        _at_least("train.max_bad_steps", self.max_bad_steps, 0)
-        _at_least("train.max_loss", self.max_loss, 0)
-        _at_least("train.guard_every", self.guard_every, 1)
-        _at_least("train.eval_batch_size", self.eval_batch_size, 1)
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.drw_start < 1:
-            raise ConfigError(f"train.drw_start must be in [0, 1), got {self.drw_start}")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ConfigError("train.mixup_alpha and train.cutmix_alpha must be >= 0")
-        if not 0 <= self.mix_prob <= 1:
-            raise ConfigError(f"train.mix_prob must be in [0, 1], got {self.mix_prob}")
-        _in_range("train.cmo_prob", self.cmo_prob, 0, 1)
         if self.mixing and self.label_smoothing > 0:
             raise ConfigError("train.label_smoothing conflicts with Mixup/CutMix soft targets here: timm's Mixup "
                               "applies its own smoothing; set train.label_smoothing=0")
@@ -288,21 +299,24 @@ class TrainConfig:
 
 @dataclass
 class AugConfig:
-    alpha: float = doc(0.0, "Fraction of each batch edited by the diffusion model (0 disables augmentation).")
+    alpha: float = doc(0.0, "Fraction of each batch edited by the diffusion model (0 disables augmentation).", ge=0,
+                       le=1)
     source_weight: Literal["uniform", "frequency"] = doc(
         "uniform", "Which batch images become edit sources: uniform, or frequency (weighted by their class's training "
                    "count: head images are edited toward the targets, the few tail images stay real; CMO's 'the "
                    "majority helps the minority').")
     exact_alpha: bool = doc(True, "True: exactly round(alpha*B) edits per batch; False: Bernoulli(alpha) each.")
-    method: str = doc("custom", "Name of the method this config implements (one of config.METHODS; informational).")
-    strengths: list[float] = doc([0.5, 0.7, 0.9], "Set of SDEdit strengths s in (0, 1], drawn uniformly per image.")
+    method: str = doc("custom", "Name of the method this config implements (one of config.METHODS; informational).",
+                      choices=METHODS, note="'custom' for any other combination")
+    strengths: list[float] = doc([0.5, 0.7, 0.9], "Set of SDEdit strengths s in (0, 1], drawn uniformly per image.",
+                                 gt=0, le=1)
     strength_range: list[float] = doc([], "If [lo, hi] is given, s ~ U(lo, hi) instead of the set.")
     target_mode: Literal["intra", "inter", "uniformize"] = doc(
         "inter", "intra: target = source; inter: target ~ target_dist; uniformize: flatten real+synthetic classes."
     )
     target_dist: Literal["uniform", "inverse"] = doc("uniform", "inter mode: uniform, or p(c) ∝ 1/n_c^beta.")
-    beta: float = doc(1.0, "Exponent of the inverse-frequency target distribution.")
-    gamma: float = doc(0.5, "Soft label weight on the target is s^gamma (Diff-Mix eq. 3).")
+    beta: float = doc(1.0, "Exponent of the inverse-frequency target distribution.", ge=0)
+    gamma: float = doc(0.5, "Soft label weight on the target is s^gamma (Diff-Mix eq. 3).", gt=0)
     label_rates: str = doc("", "Calibrated soft labels: a JSON of per-class target rates (tools/edit_rates.py); the "
                                "target weight becomes s^gamma * rate(target), the rest stays on the source.")
     model: str = doc("models/tiny-sd-digits", "Stable Diffusion: Hugging Face id or local diffusers folder.")
@@ -312,31 +326,33 @@ class AugConfig:
     prompt_file: str = doc("", "Prompt diversity: a text file of more templates, one per line ('#' comments).")
     class_names: list[str] = doc([], "Class names used in prompts (default: the dataset's).")
     negative_prompt: str = doc("", "Unconditional / negative prompt for classifier-free guidance.")
-    guidance_scale: float = doc(3.0, "Classifier-free guidance scale (<= 1 disables the unconditional pass).")
+    guidance_scale: float = doc(3.0, "Classifier-free guidance scale (<= 1 disables the unconditional pass).", ge=0)
     schedule: Literal["fewstep", "grid"] = doc("fewstep", "fewstep: K steps from t0=s*T; grid: diffusers img2img.")
-    steps: int = doc(4, "fewstep: denoising steps K per edit.")
-    grid_steps: int = doc(25, "grid: N of the N-step schedule; a sample of strength s runs int(N*s) steps.")
+    steps: int = doc(4, "fewstep: denoising steps K per edit.", ge=1, note="K")
+    grid_steps: int = doc(25, "grid: N of the N-step schedule; a sample of strength s runs int(N*s) steps.", ge=1)
     scheduler: Literal["ddim", "euler", "lcm", "dpmsolver++"] = doc(
         "ddim", "Per-sample scheduler update (dpmsolver++: DPM-Solver++ multistep, Diff-Mix's sampler).")
     solver_order: int = doc(2, "dpmsolver++: solver order, 1 or 2 (2M, diffusers' default).")
     gen_from_noise: bool = doc(False, "Text-to-image Gen: a sample of strength 1 starts from pure noise, not from "
                                       "the noised reference (Diff-Mix §3.4 Real-/Diff-Gen).")
-    resolution: int = doc(0, "Generation resolution in pixels (0: the model's native sample size).")
+    resolution: int = doc(0, "Generation resolution in pixels (0: the model's native sample size).", ge=0)
     edit_source: Literal["auto", "view", "full"] = doc(
         "auto", "What an edit starts from: full = the stored image at the generator's resolution with the crop/flip "
                 "of the classifier's view (read from the file), the edit then resized to data.image_size; view = the "
                 "classifier's view resized up; auto = full for data.dataset=imagefolder, view otherwise.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = doc("auto", "Generator dtype: auto is fp16 on CUDA, fp32 on CPU.")
-    latent_noise: float = doc(0.0, "Latent perturbation delta: z0 + delta*N(0,I) before SDEdit (semantic-aug §3.1).")
-    queue_depth: int = doc(2, "Prefetch queue depth D (batches generated ahead).")
+    latent_noise: float = doc(0.0, "Latent perturbation delta: z0 + delta*N(0,I) before SDEdit (semantic-aug §3.1).",
+                              ge=0)
+    queue_depth: int = doc(2, "Prefetch queue depth D (batches generated ahead).", ge=1)
     starvation: Literal["wait", "real"] = doc("wait", "Empty queue: wait (alpha exact) or train on the real batch.")
     prefetch: bool = doc(True, "Generate in a background producer; False runs the edit inside the step.")
     timeout_s: float = doc(300.0, "Producer fault: one generator step (a micro-batch's edit) running longer than "
-                                  "this many seconds counts as hung (aug.on_fault).")
+                                  "this many seconds counts as hung (aug.on_fault).", gt=0,
+                           note="seconds a generator step may take")
     on_fault: OnFault = doc(
         "stop", "A hung or dead producer (incl. CUDA out of memory): stop (checkpoint, exit 3) or real (go on with "
                 "real batches, aug/producer_fault).")
-    image_every: int = doc(50, "Write an aug/examples grid every N steps (0 disables).")
+    image_every: int = doc(50, "Write an aug/examples grid every N steps (0 disables).", ge=0)
     taesd: str = doc("", "Optional AutoencoderTiny (id or folder) used for encode/decode.")
     cuda_graph: Literal["auto", "always", "never"] = doc(
         "auto", "CUDA-graph the few-step UNet loop, captured once per shape in the producer: auto uses it on CUDA when "
@@ -344,28 +360,53 @@ class AugConfig:
     compile: bool = doc(False, "torch.compile the UNet on CUDA (instead of aug.cuda_graph; the first edits compile); "
                                "eager elsewhere, said in the log.")
     channels_last: bool = doc(True, "On CUDA, UNet and VAE weights in channels_last (faster fp16/bf16 convolutions).")
-    filter_fraction: float = doc(0.0, "CLIP filter: drop this lowest-scoring fraction of edits (0 disables).")
+    filter_fraction: float = doc(0.0, "CLIP filter: drop this lowest-scoring fraction of edits (0 disables).", ge=0,
+                                 lt=1)
     filter_model: str = doc("openai/clip-vit-base-patch32", "CLIP model used by the filter.")
     filter_metaclass: str = doc("digit", "Metaclass used in the filter prompts.")
     textual_inversion: str = doc("", "Folder written by tools/finetune_sd.py with learned class tokens.")
     lora: str = doc("", "Folder with a UNet LoRA written by tools/finetune_sd.py.")
     lora_scale: float = doc(1.0, "Strength of aug.lora merged into the UNet (diffusers' lora_scale): below 1 moves the "
-                                 "fine-tuned generator back toward its base model's diversity.")
+                                 "fine-tuned generator back toward its base model's diversity.", gt=0,
+                            note="1 = the LoRA as trained")
     finetune_command: str = doc("", "The tools/finetune_sd.py command whose --out is aug.textual_inversion / aug.lora; "
                                     "printed when that folder is missing.")
     adaptive: bool = doc(False, "Closed loop: the classifier's live per-class statistics steer targets, source->target "
-                                "pairs and strengths (README 'Closed loop').")
-    adaptive_every: int = doc(10, "Optimizer steps between statistics snapshots (also the all-reduce interval).")
-    adaptive_ema: float = doc(0.9, "EMA decay of the per-class statistics, per snapshot.")
-    adaptive_tau: float = doc(1.0, "Targets q ∝ prior x (error + 1e-3)^tau (0: the static prior).")
-    adaptive_floor: float = doc(0.1, "Share of q spread uniformly over classes, so no class starves.")
-    adaptive_pairs: float = doc(0.5, "Share of edits whose target is drawn from the source's confusions.")
+                                "pairs and strengths (docs/closed-loop.md).")
+    adaptive_every: int = doc(10, "Optimizer steps between statistics snapshots (also the all-reduce interval).", ge=1)
+    adaptive_ema: float = doc(0.9, "EMA decay of the per-class statistics, per snapshot.", ge=0, lt=1)
+    adaptive_tau: float = doc(1.0, "Targets q ∝ prior x (error + 1e-3)^tau (0: the static prior).", ge=0)
+    adaptive_floor: float = doc(0.1, "Share of q spread uniformly over classes, so no class starves.", ge=0, le=1)
+    adaptive_pairs: float = doc(0.5, "Share of edits whose target is drawn from the source's confusions.", ge=0, le=1)
     adaptive_strength: float = doc(0.0, "kappa in [-1, 1]: per-target strength mid + kappa*(hi-lo)/2*(2*edit_acc-1); "
-                                        ">0 raises s where edits are already recognised, <0 lowers it; 0 off.")
+                                        ">0 raises s where edits are already recognised, <0 lowers it; 0 off.",
+                                ge=-1, le=1)
     dup_threshold: float = doc(0.05, "Near-duplicate guard: an edit whose RMS distance (8x8 gray) to its nearest "
-                                     "training image of the target class is below this is counted in aug/near_dup.")
+                                     "training image of the target class is below this is counted in aug/near_dup.",
+                               ge=0)
+    label_correction: float = doc(0.0, "Labels the classifier corrects: an edit's soft label becomes (1 - beta) x the "
+                                       "policy's + beta x the classifier's own prediction on it (soft bootstrapping, "
+                                       "same forward); 0: off.")
+    guard: Literal["on", "off"] = doc(
+        "on", "Guard (docs/guard.md): on = edits go only toward the classes the generator audit says it can help "
+              "(none: train on real images only, the generator not kept); off = edits as configured (a bad audit "
+              "verdict is warned about).")
+    audit: bool = doc(True, "Audit the generator before training (per class: does it draw the class, vary it, "
+                            "copy it); printed, in TensorBoard aug/guard/* and <run>/audit.md.")
+    audit_edits: int = doc(16, "Audit: edits toward each class (from other classes' training images, at the "
+                               "highest strength).")
+    audit_copy_dist: float = doc(0.05, "Audit: an edit closer than this (RMS, 8x8 gray) to a training image of its "
+                                       "class counts as a copy.")
+    guard_min_target_rate: float = doc(0.2, "Guard: a class needs at least this share of its audit edits judged as "
+                                            "the class (chance is 1/C; a judge fit on one image of a class "
+                                            "recognises other instances only part of the time).")
+    guard_min_spread: float = doc(0.35, "Guard: a class's audit edits must spread at least this fraction of a real "
+                                        "class's spread (below: one image repeated).")
+    guard_max_copy: float = doc(0.5, "Guard: at most this share of a class's audit edits may be copies of its "
+                                     "training images.")
     reuse: int = doc(1, "Reuse factor k: each edit is used in k consecutive steps (an in-memory ring, ~1/k of the "
-                        "generator work; DA-Fusion's M); 1: every edit fresh.")
+                        "generator work; DA-Fusion's M); 1: every edit fresh.", ge=1,
+                     note="times each edit is used; 1: all fresh")
     safety_checker: str = doc("", "SD safety checker: '' off; 'model' (aug.model's safety_checker/) or a folder/hub "
                                   "id. A flagged edit is re-sampled once, then replaced by its real image.")
     mask_mode: Literal["off", "foreground", "background"] = doc(
@@ -375,30 +416,32 @@ class AugConfig:
                                         "aug.mask_threshold; the embedded digits) or a mask folder holding one mask "
                                         "per image of data.root at the same relative path (white = object).")
     mask_threshold: float = doc(0.25, "mask_source=threshold: a pixel whose gray level in [0, 1] is above this is "
-                                      "the object.")
+                                      "the object.", ge=0, lt=1)
     mask_dilate: int = doc(16, "Object mask dilation in pixels at the generator's resolution (semantic-aug §4.2.1: "
-                               "16 at 512).")
+                               "16 at 512).", ge=0)
     inpaint: Literal["unet", "blend"] = doc(
         "unet", "How a masked edit is made: unet (an SD-inpainting UNet, 9 input channels) or blend (masked SDEdit "
                 "on a plain UNet: the kept region is re-noised from the source at every step).")
 
     def validate(self) -> None:
         """This section's keys. Files and folders (aug.model, ...) are checked by generator.preflight."""
+        check_bounds(self, "aug")
         if self.adaptive:
             if self.alpha <= 0:
                 raise ConfigError("aug.adaptive=true needs edits to steer: set aug.alpha > 0 (or aug.adaptive=false)")
             if self.target_mode == "intra" and self.adaptive_pairs > 0:
                 raise ConfigError("aug.adaptive_pairs > 0 changes targets, which aug.target_mode=intra keeps equal "
                                   "to the source; set aug.adaptive_pairs=0 or target_mode inter/uniformize")
-        _at_least("aug.adaptive_every", self.adaptive_every, 1)
-        _in_range("aug.adaptive_ema", self.adaptive_ema, 0, 1, hi_open=True)
-        _at_least("aug.adaptive_tau", self.adaptive_tau, 0)
-        _in_range("aug.adaptive_floor", self.adaptive_floor, 0, 1)
-        _in_range("aug.adaptive_pairs", self.adaptive_pairs, 0, 1)
-        _in_range("aug.adaptive_strength", self.adaptive_strength, -1, 1)
-        _at_least("aug.dup_threshold", self.dup_threshold, 0)
-        if self.reuse < 1:
-            raise ConfigError(f"aug.reuse must be >= 1 (times each edit is used; 1: all fresh), got {self.reuse}")
+        _in_range("aug.label_correction", self.label_correction, 0, 1, hi_open=True)
+        if self.guard == "on" and not self.audit and self.alpha > 0:
+            raise ConfigError("aug.guard=on acts on the generator audit: set aug.audit=true, or aug.guard=off to edit "
+                              "without it")
+        if self.audit_edits < 2:
+            raise ConfigError(f"aug.audit_edits must be >= 2 (the spread needs pairs), got {self.audit_edits}")
+        _in_range("aug.audit_copy_dist", self.audit_copy_dist, 0, 1, lo_open=True)
+        _in_range("aug.guard_min_target_rate", self.guard_min_target_rate, 0, 1)
+        _at_least("aug.guard_min_spread", self.guard_min_spread, 0)
+        _in_range("aug.guard_max_copy", self.guard_max_copy, 0, 1)
         if self.reuse > 1 and not self.exact_alpha:
             raise ConfigError("aug.reuse > 1 reuses edits slot by slot, which needs the same number of edits every "
                               "step: set aug.exact_alpha=true (or aug.reuse=1)")
@@ -421,27 +464,14 @@ class AugConfig:
                               f"template per line, or leave it empty")
         if self.finetune_command:
             _check_finetune_command(self.finetune_command, [self.textual_inversion, self.lora])
-        _at_least("aug.mask_dilate", self.mask_dilate, 0)
-        _in_range("aug.mask_threshold", self.mask_threshold, 0, 1, hi_open=True)
         if self.mask_mode != "off" and not self.mask_source.strip():
             raise ConfigError("aug.mask_source is empty; use threshold or a mask folder (or aug.mask_mode=off)")
-        if self.method not in METHODS:
-            raise ConfigError(f"aug.method={self.method!r} is unknown; use one of {', '.join(METHODS)} "
-                              f"('custom' for any other combination)")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"aug.alpha must be in [0, 1], got {self.alpha}")
-        for s in self.strengths:
-            if not 0 < s <= 1:
-                raise ConfigError(f"aug.strengths: {s} is outside (0, 1]")
         if self.strength_range:
             lo_hi = self.strength_range
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
                 raise ConfigError(f"aug.strength_range must be [lo, hi] with 0 < lo <= hi <= 1, got {lo_hi}")
         elif not self.strengths and self.alpha > 0:
             raise ConfigError("aug.strengths is empty; give a set of strengths or aug.strength_range")
-        if self.steps < 1:
-            raise ConfigError(f"aug.steps (K) must be >= 1, got {self.steps}")
-        _at_least("aug.grid_steps", self.grid_steps, 1)
         if self.schedule == "grid" and self.alpha > 0:
             lo = self.strength_range[0] if self.strength_range else min(self.strengths)
             if int(self.grid_steps * lo) < 1:
@@ -449,27 +479,11 @@ class AugConfig:
                     f"aug.grid_steps={self.grid_steps} with strength {lo} gives int(N*s)=0 denoising steps; "
                     f"raise aug.grid_steps or the smallest strength"
                 )
-        _at_least("aug.beta", self.beta, 0)
-        if self.gamma <= 0:
-            raise ConfigError(f"aug.gamma must be > 0, got {self.gamma}")
-        _at_least("aug.guidance_scale", self.guidance_scale, 0)
-        _at_least("aug.resolution", self.resolution, 0)
-        if not 0 <= self.filter_fraction < 1:
-            raise ConfigError(f"aug.filter_fraction must be in [0, 1), got {self.filter_fraction}")
         if self.filter_fraction > 0 and self.alpha > 0 and not self.filter_metaclass.strip():
             raise ConfigError("aug.filter_metaclass is empty; name what every image shows (e.g. 'digit', 'bird') "
                               "or set aug.filter_fraction=0")
-        if self.queue_depth < 1:
-            raise ConfigError(f"aug.queue_depth must be >= 1, got {self.queue_depth}")
-        if not self.timeout_s > 0:  # also NaN
-            raise ConfigError(f"aug.timeout_s must be > 0 (seconds a generator step may take), got {self.timeout_s}")
         if self.on_fault not in FAULT_MODES:
             raise ConfigError(f"aug.on_fault must be one of {', '.join(FAULT_MODES)}, got {self.on_fault!r}")
-        if self.lora_scale <= 0:
-            raise ConfigError(f"aug.lora_scale must be > 0 (1 = the LoRA as trained), got {self.lora_scale}")
-        if self.latent_noise < 0:
-            raise ConfigError(f"aug.latent_noise must be >= 0, got {self.latent_noise}")
-        _at_least("aug.image_every", self.image_every, 0)
         if self.alpha > 0 and not self.model:
             raise ConfigError("aug.model is empty; give a local diffusers folder or a Hugging Face hub id "
                               "(or set aug.alpha=0)")
@@ -505,6 +519,11 @@ class Config:
         self.model.validate()
         self.train.validate(world_size)
         self.aug.validate()
+        self.check_across_sections(cuda_available)
+
+    def check_across_sections(self, cuda_available: bool | None = None) -> None:
+        """The rules that read keys of more than one section, all of them here; ``cuda_available`` defaults to
+        ``torch.cuda.is_available()``."""
         if cuda_available is None:
             import torch
 
@@ -513,10 +532,12 @@ class Config:
         on_cpu = self.run.device == "cpu" or (self.run.device == "auto" and not cuda_available)
         if self.run.device == "cuda" and not cuda_available:
             raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
-        if on_cpu and t.precision == "fp16":
-            raise ConfigError("train.precision=fp16 needs CUDA (DeepSpeed has no fp16 on CPU); use fp32 or bf16")
-        if on_cpu and a.dtype == "fp16" and a.alpha > 0:
-            raise ConfigError("aug.dtype=fp16 needs CUDA; use aug.dtype=fp32 or bf16 on CPU")
+        fp16_needs_cuda("train.precision", t.precision, on_cpu)
+        if a.alpha > 0:  # no generator is built otherwise
+            fp16_needs_cuda("aug.dtype", a.dtype, on_cpu)
+        if a.label_correction > 0 and a.alpha > 0 and t.mixing:
+            raise ConfigError("aug.label_correction corrects each edit's own label, which Mixup/CutMix blend across "
+                              "rows: set train.mixup_alpha=0 and train.cutmix_alpha=0, or aug.label_correction=0")
         if a.mask_mode != "off" and a.alpha > 0 and a.mask_source != "threshold":
             if d.dataset != "imagefolder":
                 raise ConfigError(f"aug.mask_source={a.mask_source!r}: a mask folder mirrors data.root's image files, "
@@ -558,6 +579,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # YAML 1.1 reads a bare on/off as a bool
+            value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value
@@ -670,19 +693,18 @@ def _check_finetune_command(command: str, folders: list[str]) -> None:
                           f"{named or 'no folder'}; point them at {outs[0]!r} (or leave aug.finetune_command empty)")
 
 
-def validate(cfg: Config, *, cuda_available: bool | None = None, world_size: int = 1) -> None:
-    """Alias of :meth:`Config.validate` (kept for callers and tests that take the config as an argument)."""
-    cfg.validate(cuda_available=cuda_available, world_size=world_size)
-
-
 def describe() -> str:
-    """Markdown table of every config key with its default and doc."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
+    """Markdown table of every config key with its default, its numeric range (the bounds :func:`check_bounds`
+    enforces; of each item for a list) and its doc."""
+    rows = ["| key | default | range | meaning |", "|---|---|---|---|"]
     for sec in dataclasses.fields(Config):
         sub = sec.default_factory()  # type: ignore[misc]
         for f in dataclasses.fields(sub):
             val = getattr(sub, f.name)
-            rows.append(f"| `{sec.name}.{f.name}` | `{val!r}` | {f.metadata.get('doc', '')} |")
+            bounds = f.metadata.get("bounds")
+            interval = bounds.interval() if bounds is not None else ""
+            rng = f"`{interval}`" if interval else ""
+            rows.append(f"| `{sec.name}.{f.name}` | `{val!r}` | {rng} | {f.metadata.get('doc', '')} |")
     return "\n".join(rows)
 
 

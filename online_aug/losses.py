@@ -19,6 +19,15 @@ def smooth(soft: torch.Tensor, eps: float) -> torch.Tensor:
     return soft if eps <= 0 else soft * (1 - eps) + eps / soft.shape[-1]
 
 
+def correct_labels(target: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, beta: float) -> torch.Tensor:
+    """Soft bootstrapping (Reed et al. 2015) on the edited rows: their label becomes (1 - beta) * the policy's soft
+    label + beta * the classifier's own prediction (no gradient through it), so an edit whose generator did not make
+    what the label claims is pulled toward what the classifier sees. ``rows`` [B] bool; real rows are unchanged."""
+    pred = torch.softmax(logits.detach().float(), -1)
+    mixed = (1 - beta) * target + beta * pred
+    return torch.where(rows[:, None], mixed, target)
+
+
 def class_balanced_weights(class_counts: list[int], beta: float = 0.9999) -> torch.Tensor:
     n = np.maximum(np.asarray(class_counts, dtype=np.float64), 1)
     w = (1 - beta) / (1 - beta**n)

@@ -1,4 +1,5 @@
-"""Monitoring on the main rank: TensorBoard scalars and image grids, ``summary.csv``, a progress bar, the final table.
+"""Monitoring on the main rank: TensorBoard scalars and image grids, the dashboards (custom-scalars layout, HParams),
+``summary.csv``, a progress bar, the final table.
 
 Other ranks get a :class:`NullMonitor`, so callers never branch on rank (torchtitan's no-op logger pattern).
 """
@@ -15,11 +16,87 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import Config
 from .metrics import fmt
+
+# The HParams tab's columns: the config keys that tell the benchmark's rows apart. A key the config does not have
+# (an older or newer version) is left out; lists become comma-separated strings, bools "true"/"false".
+HPARAM_KEYS = ("run.name", "run.seed", "data.dataset", "data.imbalance_ratio", "data.image_size", "data.sampler",
+               "model.name", "model.pretrained", "train.steps", "train.lr", "train.batch_size", "train.optimizer",
+               "train.transform", "train.mixup_alpha", "train.cutmix_alpha", "train.cmo_prob", "train.drw_start",
+               "train.label_smoothing", "train.select", "train.eval_split", "aug.method", "aug.alpha", "aug.model",
+               "aug.prompt", "aug.textual_inversion", "aug.lora", "aug.strengths", "aug.strength_range",
+               "aug.target_mode", "aug.target_dist", "aug.guidance_scale", "aug.steps", "aug.reuse", "aug.adaptive",
+               "aug.guard")
+# The final evaluation (the final table's rows), written once at the end under final/*: the HParams tab's metrics.
+# One tag family whatever train.select is (with select=val, eval/* holds the val curve and selected/* the result).
+FINAL_METRICS = ("top1", "balanced_acc", "acc_many", "acc_medium", "acc_few")
+# The guard's scalars (aug/guard/<what> for the run, aug/guard/<what>/<class> per class) as regexes, so the charts
+# follow whatever the guard logs.
+GUARD_TAGS = (r"aug/guard/[^/]+$", r"aug/guard/.+/")
+
+
+def dashboard_layout(augmented: bool) -> dict[str, dict[str, list]]:
+    """TensorBoard's custom-scalars layout (``SummaryWriter.add_custom_scalars``): {category: {chart: ["Multiline",
+    [tag regex, ...]]}}. Runs without augmentation leave out its category; TensorBoard merges the layouts of the runs
+    under one logdir by category title, so a mixed benchmark folder still shows it. Augmentation comes last, so the
+    merged order does not depend on which run sorts first."""
+    layout: dict[str, dict[str, list]] = {
+        "accuracy": {
+            "many / medium / few-shot accuracy": ["Multiline", ["eval/acc_many", "eval/acc_medium", "eval/acc_few"]],
+            "top-1 and balanced accuracy": ["Multiline", ["eval/top1", "eval/balanced_acc"]],
+        },
+        "training": {
+            "loss": ["Multiline", ["train/loss"]],
+            "learning rate": ["Multiline", ["train/lr"]],
+            "images per second": ["Multiline", ["train/images_per_s"]],
+        },
+    }
+    if augmented:
+        layout["augmentation health"] = {
+            "effective alpha (share of the batch trained on an edit)": ["Multiline", ["aug/effective_alpha"]],
+            "trainer stall and generation time (ms per batch)": ["Multiline", ["aug/stall_ms", "aug/gen_ms"]],
+            "prefetch queue depth": ["Multiline", ["aug/queue_depth"]],
+            "near-duplicates (share; distance to the nearest training image)": ["Multiline", ["aug/near_dup",
+                                                                                              "aug/nn_dist"]],
+            "guard": ["Multiline", [GUARD_TAGS[0]]],
+            "guard, per class": ["Multiline", [GUARD_TAGS[1]]],
+        }
+    return layout
+
+
+def hparams_of(cfg: Config, steps: int) -> dict[str, Any]:
+    """The run's :data:`HPARAM_KEYS` as a flat dict of numbers and strings (``steps``: the resolved step count)."""
+    flat: dict[str, Any] = {}
+
+    def put(key: str, v: Any) -> None:
+        if isinstance(v, dict):  # a section-like key: its leaves, dotted
+            for k, x in v.items():
+                put(f"{key}.{k}", x)
+        elif isinstance(v, bool):
+            flat[key] = "true" if v else "false"
+        elif isinstance(v, (list, tuple)):
+            flat[key] = ",".join(str(x) for x in v)
+        elif isinstance(v, (int, float, str)):
+            flat[key] = v
+        elif v is not None:
+            flat[key] = str(v)
+
+    sections = cfg.to_dict()
+    for key in HPARAM_KEYS:
+        section, _, name = key.partition(".")
+        if name in sections.get(section, {}):
+            put(key, sections[section][name])
+    flat["train.steps"] = int(steps)  # train.epochs > 0 decides it; config.yaml's resolved: section has the same
+    return flat
 
 
 class NullMonitor:
     """The no-op monitor of non-zero ranks."""
+
+    def start(self, cfg: Config) -> None: ...
+
+    def final(self, metrics: dict[str, float]) -> None: ...
 
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
 
@@ -30,6 +107,8 @@ class NullMonitor:
     def progress(self, n: int = 1, **postfix: Any) -> None: ...
 
     def print(self, text: str) -> None: ...
+
+    def audit(self, audit: Any, step: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -60,6 +139,34 @@ class Monitor(NullMonitor):
         interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
                         disable=not show_progress, mininterval=0.1 if interactive else 30.0)
+        self.total_steps, self.initial_step = total_steps, initial_step
+
+    def start(self, cfg: Config) -> None:
+        """The dashboards, once per run directory: the custom-scalars layout and the HParams session start (the
+        config's :data:`HPARAM_KEYS`, the :data:`FINAL_METRICS` declared as final/*; :meth:`final` writes their
+        values). A resumed run writes neither again: TensorBoard keeps the first session start of a run anyway, and
+        the run's row stays the configuration it started with."""
+        if self.initial_step:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer.add_custom_scalars(dashboard_layout(cfg.aug.alpha > 0))
+        experiment, session_start, _ = hparams(hparams_of(cfg, self.total_steps),
+                                               {f"final/{k}": math.nan for k in FINAL_METRICS})
+        self.writer.file_writer.add_summary(experiment)
+        self.writer.file_writer.add_summary(session_start)
+        self.writer.flush()  # the dashboards show from the first minute, not after the first flush_secs
+
+    def final(self, metrics: dict[str, float]) -> None:
+        """The final evaluation as final/* at the last step (the HParams metrics; a non-finite one stays empty),
+        and the session's end (status: success)."""
+        if not metrics:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        self.scalars(self.total_steps, {f"final/{k}": metrics.get(k, math.nan) for k in FINAL_METRICS})
+        _, _, session_end = hparams({}, {})
+        self.writer.file_writer.add_summary(session_end)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -94,6 +201,18 @@ class Monitor(NullMonitor):
 
     def print(self, text: str) -> None:
         self.bar.write(text)
+
+    def audit(self, audit: Any, step: int) -> None:
+        """The generator audit (:class:`~online_aug.audit.Audit`): ``audit.json``/``audit.md`` in the run directory,
+        and per class ``aug/guard/on/<class>`` (1: edits go toward it), ``aug/guard/target_rate/<class>``,
+        ``aug/guard/spread/<class>``, with ``aug/guard/classes_on``."""
+        audit.write(self.run_dir)
+        values = {"aug/guard/classes_on": float(audit.allowed.sum())}
+        for c in audit.classes:
+            values[f"aug/guard/on/{c.name}"] = float(c.helps)
+            values[f"aug/guard/target_rate/{c.name}"] = c.target_rate
+            values[f"aug/guard/spread/{c.name}"] = c.spread
+        self.scalars(step, values)
 
     def close(self) -> None:
         self.bar.close()

@@ -174,17 +174,24 @@ class AugPolicy:
     """Plans one batch. Holds only derived constants; all randomness comes from the ``rng`` passed to ``plan``."""
 
     def __init__(self, cfg: AugConfig, num_classes: int, class_counts: list[int] | None = None,
-                 num_templates: int = 1, label_rates: torch.Tensor | None = None):
+                 num_templates: int = 1, label_rates: torch.Tensor | None = None, allowed: torch.Tensor | None = None):
         """``num_templates``: prompt templates per class the generator holds (aug.prompt, aug.prompts,
         aug.prompt_file); with more than one, each edit draws one uniformly. ``label_rates``: [C] target rates
-        (:func:`read_label_rates`) that scale the soft label's target weight."""
+        (:func:`read_label_rates`) that scale the soft label's target weight. ``allowed``: [C] bool, the classes
+        edits may go toward (the guard, :mod:`online_aug.audit`); None or all true: every class, and the plan is
+        exactly the unguarded one."""
         self.label_rates = label_rates
+        self.allowed = None if allowed is None or bool(allowed.all()) else allowed.bool().cpu()
         if num_classes < 2 and cfg.target_mode != "intra":
             raise ConfigError(f"aug.target_mode={cfg.target_mode} needs at least 2 classes")
         self.cfg = cfg
         self.num_classes = num_classes
         self.num_templates = int(num_templates)
         self.target_p = torch.as_tensor(target_distribution(cfg, class_counts, num_classes), dtype=torch.float64)
+        if self.allowed is not None:  # the guard: targets only among the classes the generator can help
+            p = self.target_p * self.allowed
+            # uniformize gives no synthetic share to head classes: if only those are allowed, spread over them
+            self.target_p = p / p.sum() if p.sum() > 0 else self.allowed.double() / self.allowed.sum().clamp(min=1)
         self.strength_set = torch.tensor(cfg.strengths, dtype=torch.float32)
         # aug.source_weight=frequency: a source is drawn with weight n_c (its class's training count; 1 if unknown)
         counts = class_counts if class_counts is not None else [1] * num_classes
@@ -225,6 +232,12 @@ class AugPolicy:
             target = torch.multinomial(rows, 1, replacement=True, generator=rng).flatten()
         else:
             target = torch.multinomial(self.target_p, m, replacement=True, generator=rng)
+        if self.allowed is not None and m:
+            # intra-class edits of a class the generator cannot help, and closed-loop targets whose floor share put
+            # them outside the allowed classes, stay real rows
+            keep = self.allowed[target]
+            index, strength, source, target = index[keep], strength[keep], source[keep], target[keep]
+            m = index.numel()
         if adaptive and cfg.adaptive_strength != 0 and m:
             strength = adaptive_strengths(target, snapshot.edit_acc, cfg.adaptive_strength, self.strength_bounds,
                                           torch.rand(m, generator=rng))

@@ -154,10 +154,15 @@ def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, wor
     loader = real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed, start=start,
                          num_workers=cfg.data.num_workers, sampler=cfg.data.sampler)
     source: BatchSource
-    if cfg.aug.alpha <= 0:
+    augmenter, audit = None, None
+    if cfg.aug.alpha > 0:
+        augmenter = build_augmenter(cfg, splits, device, rank, accum, board)
+        audit = augmenter.audit
+        if cfg.aug.guard == "on" and audit is not None and not bool(audit.allowed.any()):
+            augmenter = None  # nothing to help: the baseline's real batches, and the generator is not kept
+    if augmenter is None:
         source = RealSource(loader, device, splits.num_classes, start)
     else:
-        augmenter = build_augmenter(cfg, splits, device, rank, accum, board)
         if cfg.aug.reuse > 1 and start > 0:
             _rebuild_reuse_ring(augmenter, cfg, splits, device, rank, world, micro_bs, start)
         augment = inject_into_augment(augmenter)  # test hook
@@ -172,4 +177,5 @@ def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, wor
         minority = real_loader(splits.train, micro_bs, rank, world, seed=cfg.run.seed + 1, start=start,
                                num_workers=0, sampler="class_balanced")
         source = CMOSource(source, minority, splits.num_classes, cfg.train.cmo_prob, cfg.run.seed)
+    source.audit = audit  # what the generator audit found (aug.guard), for the trainer to report; None without one
     return source

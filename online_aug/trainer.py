@@ -26,7 +26,7 @@ from .data import Splits, build_splits
 from .data.transforms import build_train_transform
 from .devices import DTYPES
 from .distributed import deepspeed_config, init_distributed, micro_batch, resolve_device, resolve_precision
-from .losses import SoftTargetMixup, class_balanced_weights, smooth, soft_cross_entropy
+from .losses import SoftTargetMixup, class_balanced_weights, correct_labels, smooth, soft_cross_entropy
 from .metrics import classification_metrics, fmt
 from .model import create_classifier
 from .monitor import Monitor, NullMonitor, confusion_image, final_report
@@ -54,9 +54,12 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml", resolved={"train_steps": self.steps})
         self.monitor = (Monitor(self.run_dir, self.steps, self.start_step, show_progress) if self.rank == 0
                         else NullMonitor())
+        self.monitor.start(cfg)  # the dashboards: custom-scalars layout, HParams session start
         if self.extend_note:
             self.monitor.print(self.extend_note)
+        self.guard_note = ""  # the guard's decision, repeated under the final table
         self.source: BatchSource = self._batch_source()  # 7
+        self._report_audit(getattr(self.source, "audit", None))
 
     # ------------------------------------------------------------------ building, stage by stage
 
@@ -171,6 +174,27 @@ class Trainer:
                                   self.start_step * self.accum, self.accum,
                                   board=self.loop.board if self.loop is not None else None, on_fault="real")
 
+    def _report_audit(self, audit: Any) -> None:
+        """What the generator audit found and what the guard made of it: printed, in TensorBoard (aug/guard/*) and
+        in ``<run>/audit.md`` (docs/guard.md)."""
+        if audit is None:
+            return
+        self.monitor.audit(audit, self.start_step)
+        n, on = len(audit.classes), int(audit.allowed.sum())
+        where = self.run_dir / "audit.md"
+        if self.cfg.aug.guard == "off":
+            verdict = ("" if on == n else f"\nwarning: aug.guard=off: the audit says the generator cannot help "
+                       f"{n - on} of {n} classes, and edits go toward them as configured (aug.guard=on would not); "
+                       f"see {where}")
+        elif on == 0:
+            verdict = (f"\nguard: THE GENERATOR CANNOT HELP THIS DATA SET: training on real images only (the "
+                       f"baseline's batches; the generator is not kept); see {where}")
+        else:
+            verdict = f"\nguard: {audit.summary()}; see {where}"
+        self.monitor.print(f"generator audit ({audit.judge}; {audit.edits_per_class} edits per class at "
+                           f"s={audit.strength:g}, {audit.seconds:.1f} s):\n{audit.table()}{verdict}")
+        self.guard_note = f"guard: {audit.summary()}" if self.cfg.aug.guard == "on" else ""
+
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, float]:
@@ -196,11 +220,14 @@ class Trainer:
             self._stopped(done, stop)
         if self.cfg.train.select == "val" and self.best:
             metrics = self._evaluate_selected()
+        self.monitor.final(metrics)  # final/*: the HParams tab's metrics
         self.monitor.close()
         if self.rank == 0 and metrics:
             t = self.cfg.train
             print(final_report(metrics, self.splits.class_names, self.splits.shot_counts, t.eval_split, self.run_dir,
                                self.cfg.run.reference, int(self.best["step"]) if t.select == "val" else None))
+            if self.guard_note:
+                print(self.guard_note)
         return metrics
 
     def _loop(self) -> tuple[int, int, dict[str, float]]:
@@ -280,6 +307,9 @@ class Trainer:
         if self.guard is not None:
             self.guard.before_forward()
         logits = self.engine(x.to(self.dtype))
+        beta = self.cfg.aug.label_correction
+        if beta > 0 and batch.edit_target is not None:  # the edits' labels, corrected by this same forward
+            y = correct_labels(y, logits, batch.edit_target >= 0, beta)
         loss = soft_cross_entropy(logits, y, self.class_weight(batch.micro_step // self.accum))
         if self.guard is not None and self.guard.every > 1:
             self.guard.observe(loss)  # on the device; read every train.guard_every steps (_poll_guard)

@@ -1,0 +1,150 @@
+"""The generator audit and the guard: what the audit measures, what the policy does with its verdict, and what a run
+does end to end (every class off: the baseline's batches bit for bit; guard off: the edits as before the guard,
+with a warning), plus the label correction's arithmetic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from online_aug.audit import audit_generator
+from online_aug.augment import AUDIT_PER_CLASS, guard_bank
+from online_aug.config import ConfigError, load_config
+from online_aug.data import build_splits
+from online_aug.losses import correct_labels
+from online_aug.monitor import read_summary
+from online_aug.policy import AugPolicy
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    cfg = load_config("configs/diff-mix.yaml", ["aug.audit_edits=12"])
+    splits = build_splits(cfg.data, None)
+    bank = guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS)
+    pool = guard_bank(splits.pool, splits.num_classes, 200)  # real images the classifier never sees
+    return cfg, splits, bank, pool
+
+
+class _Editor:
+    """Stand-ins for generators, by what they return for an edit toward class c."""
+
+    def __init__(self, kind: str, bank: list[torch.Tensor], pool: list[torch.Tensor]):
+        self.kind, self.bank, self.pool = kind, bank, pool
+
+    def edit(self, images, strengths, targets, generator=None):
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        out = []
+        for x, c in zip(images, targets.tolist()):
+            if self.kind == "knows":  # a new, varied image of the class (as a generator that knows it draws)
+                out.append(self.pool[c][torch.randint(len(self.pool[c]), (1,), generator=g)][0])
+            elif self.kind == "copies":  # the class's first training image, learned by heart
+                out.append(self.bank[c][0])
+            else:  # "ignores": the source comes back (the prompt does not move it)
+                out.append(x)
+        return torch.stack(out), torch.ones(len(out), dtype=torch.bool)
+
+
+@pytest.mark.parametrize("kind, helps", [("knows", True), ("copies", False), ("ignores", False)])
+def test_audit_tells_a_generator_that_knows_the_classes_from_one_that_copies_or_ignores(digits, kind, helps):
+    cfg, splits, bank, pool = digits
+    audit = audit_generator(cfg, _Editor(kind, bank, pool), bank, splits.class_names,
+                            splits.train.class_counts(), CPU)
+    allowed = audit.allowed
+    if helps:
+        assert allowed.float().mean() >= 0.8, audit.table()
+    else:
+        assert not allowed.any(), audit.table()
+    if kind == "copies":
+        assert all(c.copy_share == 1.0 and c.spread < 0.05 for c in audit.classes)
+    if kind == "ignores":
+        assert np.mean([c.target_rate for c in audit.classes]) < 0.3
+
+
+def test_audit_leaves_the_run_random_streams_alone(digits):
+    cfg, splits, bank, pool = digits
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    audit_generator(cfg, _Editor("knows", bank, pool), bank, splits.class_names, splits.train.class_counts(), CPU)
+    assert torch.equal(torch.rand(4), want)
+
+
+def test_guarded_policy_draws_targets_only_among_allowed_classes() -> None:
+    cfg = load_config("configs/diff-mix.yaml", ["aug.alpha=0.5"]).aug
+    counts = [50, 30, 10, 5, 1]
+    labels = torch.randint(5, (4096,), generator=torch.Generator().manual_seed(0))
+    allowed = torch.tensor([False, True, False, True, False])
+    plan = AugPolicy(cfg, 5, counts, allowed=allowed).plan(labels, torch.Generator().manual_seed(1))
+    assert plan.num_edits > 1500 and set(plan.target.tolist()) == {1, 3}
+    rows = plan.soft_label[plan.index]
+    assert torch.allclose(rows.sum(1), torch.ones(len(rows)))
+    # all allowed (or no guard): exactly the unguarded plan, bit for bit
+    a = AugPolicy(cfg, 5, counts, allowed=torch.ones(5, dtype=torch.bool)).plan(labels, torch.Generator().manual_seed(1))
+    b = AugPolicy(cfg, 5, counts).plan(labels, torch.Generator().manual_seed(1))
+    assert torch.equal(a.target, b.target) and torch.equal(a.soft_label, b.soft_label)
+    # intra-class edits of a class the generator cannot help stay real rows
+    intra = load_config("configs/da-fusion.yaml").aug
+    p = AugPolicy(intra, 5, counts, allowed=allowed).plan(labels, torch.Generator().manual_seed(1))
+    assert set(p.source.tolist()) <= {1, 3} and torch.equal(p.source, p.target)
+
+
+def test_label_correction_moves_only_the_edited_rows() -> None:
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0]])
+    logits = torch.tensor([[0.0, 0.0, 9.0], [9.0, 0.0, 0.0]], requires_grad=True)
+    out = correct_labels(target, logits, torch.tensor([False, True]), 0.5)
+    assert torch.equal(out[0], target[0])  # a real row keeps its label
+    p = torch.softmax(logits.detach(), -1)[1]
+    assert torch.allclose(out[1], 0.5 * target[1] + 0.5 * p) and torch.allclose(out.sum(1), torch.ones(2))
+    assert not out.requires_grad  # no gradient through the classifier's own prediction
+    with pytest.raises(ConfigError, match="aug.label_correction"):
+        load_config("configs/diff-mix.yaml", ["aug.label_correction=0.3", "train.mixup_alpha=0.2"])
+    with pytest.raises(ConfigError, match="aug.label_correction"):
+        load_config("configs/diff-mix.yaml", ["aug.label_correction=1.0"])
+
+
+def test_guard_on_needs_the_audit() -> None:
+    with pytest.raises(ConfigError, match="aug.audit=true"):
+        load_config("configs/diff-mix.yaml", ["aug.audit=false"])
+    load_config("configs/diff-mix.yaml", ["aug.audit=false", "aug.guard=off"])
+
+
+# ---------------------------------------------------------------- end to end
+
+FAST = ["train.steps=4", "train.eval_every=4", "train.log_every=1", "train.batch_size=16", "data.image_size=16",
+        "model.name=test_resnet", "aug.audit_edits=3", "aug.image_every=0"]
+
+
+def _run(out: Path, extra: list[str], env: dict[str, str]) -> tuple[Path, str]:
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "configs/diff-mix.yaml", *FAST,
+                           f"run.out_dir={out}", *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return run_dir, proc.stdout + proc.stderr
+
+
+def _losses(run_dir: Path) -> list[str]:
+    return [r["train/loss"] for r in read_summary(run_dir)]
+
+
+@pytest.mark.slow
+def test_a_guard_that_turns_every_class_off_trains_the_baseline_and_says_so(tmp_path, clean_env) -> None:
+    # thresholds no generator can meet: every class off
+    off, text = _run(tmp_path / "off", ["aug.guard_min_target_rate=1.0", "aug.guard_min_spread=100"], clean_env)
+    assert "THE GENERATOR CANNOT HELP THIS DATA SET" in text and (off / "audit.md").is_file()
+    base, _ = _run(tmp_path / "base", ["aug.alpha=0"], clean_env)
+    assert _losses(off) == _losses(base)  # the baseline's batches, bit for bit
+    assert all(r.get("aug/effective_alpha") in (None, "", "0") for r in read_summary(off))  # nothing generated
+    # aug.guard=off: the edits as configured (identical to a run without the audit), and a one-line warning
+    forced, text = _run(tmp_path / "forced", ["aug.guard=off", "aug.guard_min_target_rate=1.0"], clean_env)
+    assert "warning: aug.guard=off" in text
+    plain, _ = _run(tmp_path / "plain", ["aug.guard=off", "aug.audit=false"], clean_env)
+    assert _losses(forced) == _losses(plain) and _losses(forced) != _losses(base)
