@@ -87,7 +87,8 @@ def test_guarded_policy_draws_targets_only_among_allowed_classes() -> None:
     rows = plan.soft_label[plan.index]
     assert torch.allclose(rows.sum(1), torch.ones(len(rows)))
     # all allowed (or no guard): exactly the unguarded plan, bit for bit
-    a = AugPolicy(cfg, 5, counts, allowed=torch.ones(5, dtype=torch.bool)).plan(labels, torch.Generator().manual_seed(1))
+    every = torch.ones(5, dtype=torch.bool)
+    a = AugPolicy(cfg, 5, counts, allowed=every).plan(labels, torch.Generator().manual_seed(1))
     b = AugPolicy(cfg, 5, counts).plan(labels, torch.Generator().manual_seed(1))
     assert torch.equal(a.target, b.target) and torch.equal(a.soft_label, b.soft_label)
     # intra-class edits of a class the generator cannot help stay real rows
