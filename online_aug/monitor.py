@@ -229,6 +229,20 @@ def confusion_image(pred: np.ndarray, labels: np.ndarray, num_classes: int, cell
     return img[None].repeat(3, 1, 1)
 
 
+def gain_sentence(metrics: dict[str, float], ref: dict[str, float], class_names: list[str],
+                  train_counts: list[int]) -> str:
+    """One sentence: what this run gained (or lost) against the reference row, and on which classes (the tail)."""
+    parts = []
+    for key, what in (("acc_few", "few-shot"), ("top1", "top-1")):
+        if key in ref and key in metrics:
+            d = 100 * metrics[key] - ref[key]
+            parts.append(f"{what} {'+' if d >= 0 else ''}{d:.1f} points ({100 * metrics[key]:.1f} vs {ref[key]:.1f})")
+    tail = sorted(range(len(class_names)), key=lambda c: train_counts[c])[:4]
+    where = ", ".join(f"{class_names[c]} (n={train_counts[c]}) {100 * metrics.get(f'class_acc/{c}', math.nan):.0f}%"
+                      for c in tail)
+    return f"against the reference: {'; '.join(parts)}; the rarest classes: {where}"
+
+
 def final_report(metrics: dict[str, float], class_names: list[str], train_counts: list[int], eval_split: str,
                  run_dir: Path, reference: str = "", selected_step: int | None = None) -> str:
     """The lines a finished run ends with: the final evaluation table (with the ``run.reference`` column when the
@@ -243,6 +257,7 @@ def final_report(metrics: dict[str, float], class_names: list[str], train_counts
     lines.append(eval_table(metrics, class_names, train_counts, ref))
     if ref is not None:
         lines.append(f"reference column: {reference} (tools/compare.py, same split, mean over seeds)")
+        lines.append(gain_sentence(metrics, ref[1], class_names, train_counts))
     lines += [f"\nrun directory: {run_dir}", f"tensorboard --logdir {run_dir / 'tb'}"]
     return "\n".join(lines)
 
