@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from online_aug.config import Config, ConfigError, load_config, parse_override, save_config, validate
+from online_aug.config import Config, ConfigError, load_config, parse_override, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "configs" / "baseline.yaml"
@@ -118,28 +118,28 @@ def _cfg(*overrides: str) -> Config:
 
 
 def test_defaults_are_valid_on_cpu_and_cuda() -> None:
-    validate(Config(), cuda_available=False)
-    validate(Config(), cuda_available=True)
+    Config().validate(cuda_available=False)
+    Config().validate(cuda_available=True)
 
 
 def test_fp16_needs_cuda() -> None:
     cfg = _cfg("train.precision=fp16")
     with pytest.raises(ConfigError, match=re.escape("train.precision")):
-        validate(cfg, cuda_available=False)
-    validate(cfg, cuda_available=True)  # fine where CUDA is present
+        cfg.validate(cuda_available=False)
+    cfg.validate(cuda_available=True)  # fine where CUDA is present
     with pytest.raises(ConfigError, match=re.escape("train.precision")):
-        validate(_cfg("train.precision=fp16", "run.device=cpu"), cuda_available=True)
+        _cfg("train.precision=fp16", "run.device=cpu").validate(cuda_available=True)
 
 
 def test_generator_fp16_needs_cuda_when_augmenting() -> None:
     with pytest.raises(ConfigError, match=re.escape("aug.dtype")):
-        validate(_cfg("aug.dtype=fp16", "aug.alpha=0.5"), cuda_available=False)
-    validate(_cfg("aug.dtype=fp16", "aug.alpha=0.0"), cuda_available=False)  # generator unused: no error
+        _cfg("aug.dtype=fp16", "aug.alpha=0.5").validate(cuda_available=False)
+    _cfg("aug.dtype=fp16", "aug.alpha=0.0").validate(cuda_available=False)  # generator unused: no error
 
 
 def test_device_cuda_without_cuda() -> None:
     with pytest.raises(ConfigError, match=re.escape("run.device")):
-        validate(_cfg("run.device=cuda"), cuda_available=False)
+        _cfg("run.device=cuda").validate(cuda_available=False)
 
 
 @pytest.mark.parametrize(
@@ -152,24 +152,24 @@ def test_device_cuda_without_cuda() -> None:
 )
 def test_batch_divisibility(overrides: tuple[str, ...], world: int, named: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(named)):
-        validate(_cfg(*overrides), cuda_available=False, world_size=world)
+        _cfg(*overrides).validate(cuda_available=False, world_size=world)
 
 
 def test_micro_batch_that_divides_is_accepted() -> None:
-    validate(_cfg("train.batch_size=64", "train.micro_batch_size=16"), cuda_available=False, world_size=2)
+    _cfg("train.batch_size=64", "train.micro_batch_size=16").validate(cuda_available=False, world_size=2)
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
 def test_alpha_outside_unit_interval(alpha: float) -> None:
     with pytest.raises(ConfigError, match=re.escape("aug.alpha")):
-        validate(_cfg(f"aug.alpha={alpha}"), cuda_available=False)
+        _cfg(f"aug.alpha={alpha}").validate(cuda_available=False)
     with pytest.raises(ConfigError, match=re.escape("aug.alpha")):
         load_config(BASELINE, [f"aug.alpha={alpha}"])
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_alpha_bounds_are_allowed(alpha: float) -> None:
-    validate(_cfg(f"aug.alpha={alpha}"), cuda_available=False)
+    _cfg(f"aug.alpha={alpha}").validate(cuda_available=False)
 
 
 def test_imbalance_ratio_below_one() -> None:
@@ -181,12 +181,12 @@ def test_grid_mode_with_zero_denoising_steps() -> None:
     # int(N * s) = int(4 * 0.2) = 0 steps for the smallest strength
     bad = ("aug.alpha=0.5", "aug.schedule=grid", "aug.grid_steps=4", "aug.strengths=[0.2, 0.9]")
     with pytest.raises(ConfigError, match=re.escape("aug.grid_steps")):
-        validate(_cfg(*bad), cuda_available=False)
+        _cfg(*bad).validate(cuda_available=False)
     with pytest.raises(ConfigError, match=re.escape("aug.grid_steps")):
-        validate(_cfg("aug.alpha=0.5", "aug.schedule=grid", "aug.grid_steps=4", "aug.strength_range=[0.1, 0.9]"),
-                 cuda_available=False)
-    validate(_cfg("aug.alpha=0.5", "aug.schedule=grid", "aug.grid_steps=5", "aug.strengths=[0.2, 0.9]"),
-             cuda_available=False)  # int(5 * 0.2) = 1 step is enough
+        _cfg("aug.alpha=0.5", "aug.schedule=grid", "aug.grid_steps=4",
+             "aug.strength_range=[0.1, 0.9]").validate(cuda_available=False)
+    _cfg("aug.alpha=0.5", "aug.schedule=grid", "aug.grid_steps=5",
+         "aug.strengths=[0.2, 0.9]").validate(cuda_available=False)  # int(5 * 0.2) = 1 step is enough
 
 
 @pytest.mark.parametrize("k", [0, -1])

@@ -18,7 +18,7 @@ import torch
 import yaml
 from tiny_sd import save_tiny_sd
 
-from online_aug.config import METHODS, ConfigError, load_config, validate
+from online_aug.config import METHODS, ConfigError, load_config
 from online_aug.data import build_splits
 from online_aug.generator import SDEditGenerator, load_sd
 from online_aug.generator.finetuned import render_prompt
@@ -138,7 +138,7 @@ def test_preset_values_are_the_papers(name):
 @pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
 def test_real_variants_validate_and_keep_the_method_values(path):
     cfg = load_config(path)
-    validate(cfg, cuda_available=True)
+    cfg.validate(cuda_available=True)
     assert cfg.data.dataset in ("cifar10", "cifar100", "imagefolder")
     assert (cfg.data.many_threshold, cfg.data.few_threshold) == (100, 20)  # the LT literature's many/few split
     preset = next(n for n in sorted(PAPER, key=len, reverse=True) if path.stem.startswith(n + "-"))

@@ -17,7 +17,7 @@ import timm
 import torch
 from PIL import Image
 
-from online_aug.config import ConfigError, DataConfig, ModelConfig, load_config, validate
+from online_aug.config import ConfigError, DataConfig, ModelConfig, load_config
 from online_aug.data import (
     LabeledImages,
     build_splits,
@@ -241,7 +241,7 @@ PRESETS = sorted((ROOT / "configs" / "real" / "longtail").glob("*.yaml")) + sort
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_paper_protocol_presets(path: Path) -> None:
     cfg = load_config(path)
-    validate(cfg, cuda_available=True)
+    cfg.validate(cuda_available=True)
     header = path.read_text().splitlines()[0]
     assert header.startswith("#") and ("Diff-Mix" in header or "DA-Fusion" in header)
     d, t, m = cfg.data, cfg.train, cfg.model

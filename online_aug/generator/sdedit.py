@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from online_aug.config import ConfigError
+from online_aug.config import ConfigError, fp16_needs_cuda
 from online_aug.devices import resolve_dtype
 from online_aug.generator.finetuned import apply_finetuned
 from online_aug.generator.loading import SDComponents, load_sd
@@ -167,9 +167,8 @@ class SDEditGenerator:
         for key, template in templates:
             check_prompt_template(template, key, with_tokens=bool(aug.textual_inversion))
         device = torch.device(device)
+        fp16_needs_cuda("aug.dtype", aug.dtype, device.type == "cpu")  # a tool's --device may differ from run.device
         dtype = resolve_dtype(aug.dtype, device)
-        if device.type == "cpu" and dtype == torch.float16:
-            raise ConfigError("aug.dtype=fp16 needs CUDA; use aug.dtype=fp32 or bf16 on CPU")
         components = load_sd(aug.model, device, dtype, aug.taesd)
         # Learned tokens and LoRA (tools/finetune_sd.py) go in before __init__ builds the prompt cache from them.
         tokens = apply_finetuned(components, aug, len(names))
