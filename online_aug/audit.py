@@ -5,17 +5,19 @@ accuracy by ~31 points, one that has to learn a 1-2-image class from those image
 cannot tell in advance which case they are in, so before training the run audits its own generator with what any
 user has — the training split and the generator itself (no benchmark pool):
 
-- **draws the class** (``target_rate``): ``aug.audit_edits`` edits toward class c, from training images of other
-  classes at the policy's highest strength (what Diff-Mix's inter-class edits do to the tail), judged by a
-  class-balanced logistic regression fit on the training split — on the classifier's pretrained backbone features
-  when ``model.pretrained``, else on 16x16 grayscale pixels;
+- **draws the class** (``target_rate`` over ``base_rate``): ``aug.audit_edits`` edits toward class c, from training
+  images of other classes at the policy's highest strength (what Diff-Mix's inter-class edits do to the tail),
+  judged by a class-balanced logistic regression fit on the training split (and jittered views of it) — on the
+  classifier's pretrained backbone features when ``model.pretrained``, else on 16x16 grayscale pixels. The verdict
+  uses the lift: the share judged c among the edits toward c, minus the share judged c among the edits toward the
+  other classes (what the judge says c for anyway; ~0 for a generator that ignores its prompt);
 - **varies it, or copies** (``spread``): the mean pairwise distance of those edits in the near-duplicate guard's
   feature space (8x8 grayscale RMS), over the typical spread of a real class of the training split (the median over
   classes with at least 3 images). Edits that come out the same whatever the source are the training image learned
   by heart;
 - **copies** (``copy_share``): the share of those edits closer than ``aug.audit_copy_dist`` to a training image of c.
 
-A class *can be helped* when its edits land on it (target rate >= ``aug.guard_min_target_rate``), vary (spread >=
+A class *can be helped* when its edits land on it (lift >= ``aug.guard_min_target_rate``), vary (spread >=
 ``aug.guard_min_spread``) and are not copies (copy share <= ``aug.guard_max_copy``). With ``aug.guard=on`` the policy
 draws targets only among those classes (and intra-class edits only of them); when no class can be helped, the run
 says so and trains on real images only, without keeping the generator (exactly the baseline's batches).
@@ -50,7 +52,8 @@ MIN_REF_IMAGES = 3  # a class needs this many training images to say what a real
 class ClassVerdict:
     name: str
     n_train: int
-    target_rate: float
+    target_rate: float  # share of its edits the judge calls the class
+    base_rate: float  # share of the edits toward other classes the judge calls the class
     spread: float  # edits' mean pairwise distance / the typical real class spread
     copy_share: float
     helps: bool
@@ -73,11 +76,12 @@ class Audit:
         return torch.tensor([c.helps for c in self.classes], dtype=torch.bool)
 
     def table(self) -> str:
-        head = f"{'class':<16}{'n':>5}{'target rate':>13}{'spread':>8}{'copies':>8}  verdict"
+        head = f"{'class':<16}{'n':>5}{'target rate':>13}{'(others)':>10}{'spread':>8}{'copies':>8}  verdict"
         lines = [head, "-" * len(head)]
         for c in self.classes:
             verdict = "edits help" if c.helps else f"no edits ({c.why})"
-            lines.append(f"{c.name:<16}{c.n_train:>5}{c.target_rate:>13.2f}{c.spread:>8.2f}{c.copy_share:>8.2f}  "
+            lines.append(f"{c.name:<16}{c.n_train:>5}{c.target_rate:>13.2f}{c.base_rate:>10.2f}{c.spread:>8.2f}"
+                         f"{c.copy_share:>8.2f}  "
                          f"{verdict}")
         return "\n".join(lines)
 
@@ -177,7 +181,8 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
     real_spread = float(np.median(spreads)) if spreads else float("nan")
     strength = float(a.strength_range[1]) if a.strength_range else float(max(a.strengths, default=1.0))
     rng = np.random.default_rng([cfg.run.seed, 7])
-    verdicts = []
+    preds: list[np.ndarray] = []  # the judge's classes for the edits toward each class
+    measured: list[tuple[float, float]] = []  # (spread, copy share) per class
     with torch.random.fork_rng(devices=[]):
         for c in range(num_classes):
             others = np.flatnonzero(labels != c) if num_classes > 1 else np.arange(len(labels))
@@ -190,22 +195,32 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
             if edited.shape[-2:] != images.shape[-2:]:
                 edited = torch.nn.functional.interpolate(edited, size=images.shape[-2:], mode="bilinear",
                                                          antialias=True, align_corners=False).clamp(0, 1)
-            ok = finite.cpu()
-            rate = float((judge.predict(edited[ok]) == c).mean()) if ok.any() else 0.0
-            f = feat(edited[ok])
+            edited = edited[finite.cpu()]
+            preds.append(judge.predict(edited) if len(edited) else np.full(1, -1))
+            f = feat(edited)
             spread = _pairwise_mean(f) / real_spread if real_spread == real_spread else float("nan")
-            d = torch.cdist(f, bank_f[c]).min(1).values / NearDuplicateGuard.SIZE if len(bank_f[c]) and len(f) \
-                else torch.ones(1)
-            copy = float((d < a.audit_copy_dist).float().mean())
-            why = []
-            if rate < a.guard_min_target_rate:
-                why.append(f"target rate {rate:.2f} < {a.guard_min_target_rate:g}: it does not draw the class")
-            if not spread >= a.guard_min_spread:
-                why.append(f"spread {spread:.2f} < {a.guard_min_spread:g}: it repeats one image")
-            if copy > a.guard_max_copy:
-                why.append(f"copies {copy:.2f} > {a.guard_max_copy:g}: it copies the training images")
-            verdicts.append(ClassVerdict(class_names[c], int(class_counts[c]), rate, spread, copy, not why,
-                                         "; ".join(why) or "ok"))
+            d = (torch.cdist(f, bank_f[c]).min(1).values / NearDuplicateGuard.SIZE if len(bank_f[c]) and len(f)
+                 else torch.zeros(1))
+            measured.append((spread, float((d < a.audit_copy_dist).float().mean())))
+    verdicts = []
+    for c in range(num_classes):
+        rate = float((preds[c] == c).mean())
+        # what the judge calls c anyway, for edits asked to be other classes: a generator that ignores the prompt
+        # (or a judge biased toward a varied head class) scores there as high as on its own target
+        base = float(np.mean([(preds[o] == c).mean() for o in range(num_classes) if o != c])) if num_classes > 1 \
+            else 0.0
+        lift = rate - base
+        spread, copy = measured[c]
+        why = []
+        if lift < a.guard_min_target_rate:
+            why.append(f"target rate {rate:.2f} is only {lift:+.2f} over the {base:.2f} its other edits get: "
+                       f"it does not draw the class")
+        if not spread >= a.guard_min_spread:
+            why.append(f"spread {spread:.2f} < {a.guard_min_spread:g}: it repeats one image")
+        if copy > a.guard_max_copy:
+            why.append(f"copies {copy:.2f} > {a.guard_max_copy:g}: it copies the training images")
+        verdicts.append(ClassVerdict(class_names[c], int(class_counts[c]), rate, base, spread, copy, not why,
+                                     "; ".join(why) or "ok"))
     thresholds = {"min_target_rate": a.guard_min_target_rate, "min_spread": a.guard_min_spread,
                   "max_copy": a.guard_max_copy, "copy_dist": a.audit_copy_dist}
     return Audit(verdicts, judge.name, a.audit_edits, strength, real_spread, time.perf_counter() - t0, thresholds)

@@ -106,15 +106,6 @@ def fp16_needs_cuda(key: str, value: str, on_cpu: bool) -> None:
         raise ConfigError(f"{key}=fp16 needs CUDA; use {key}=fp32 or bf16 on CPU")
 
 
-def _at_least(key: str, value: float, lo: float) -> None:
-    Bounds(ge=lo).check(key, value)
-
-
-def _in_range(key: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    Bounds(ge=None if lo_open else lo, gt=lo if lo_open else None, le=None if hi_open else hi,
-           lt=hi if hi_open else None).check(key, value)
-
-
 @dataclass
 class RunConfig:
     name: str = doc("run", "Run name; the run directory is <out_dir>/<date-time>-<name>.")
@@ -386,7 +377,7 @@ class AugConfig:
                                ge=0)
     label_correction: float = doc(0.0, "Labels the classifier corrects: an edit's soft label becomes (1 - beta) x the "
                                        "policy's + beta x the classifier's own prediction on it (soft bootstrapping, "
-                                       "same forward); 0: off.")
+                                       "same forward); 0: off.", ge=0, lt=1)
     guard: Literal["on", "off"] = doc(
         "on", "Guard (docs/guard.md): on = edits go only toward the classes the generator audit says it can help "
               "(none: train on real images only, the generator not kept); off = edits as configured (a bad audit "
@@ -394,16 +385,16 @@ class AugConfig:
     audit: bool = doc(True, "Audit the generator before training (per class: does it draw the class, vary it, "
                             "copy it); printed, in TensorBoard aug/guard/* and <run>/audit.md.")
     audit_edits: int = doc(16, "Audit: edits toward each class (from other classes' training images, at the "
-                               "highest strength).")
+                               "highest strength).", ge=2, note="the spread needs pairs")
     audit_copy_dist: float = doc(0.05, "Audit: an edit closer than this (RMS, 8x8 gray) to a training image of its "
-                                       "class counts as a copy.")
-    guard_min_target_rate: float = doc(0.2, "Guard: a class needs at least this share of its audit edits judged as "
-                                            "the class (chance is 1/C; a judge fit on one image of a class "
-                                            "recognises other instances only part of the time).")
+                                       "class counts as a copy.", gt=0, le=1)
+    guard_min_target_rate: float = doc(0.2, "Guard: a class needs its audit edits judged as the class this much more "
+                                            "often than the edits toward other classes are (the lift; 0 for a "
+                                            "generator that ignores its prompt).", ge=0, le=1)
     guard_min_spread: float = doc(0.35, "Guard: a class's audit edits must spread at least this fraction of a real "
-                                        "class's spread (below: one image repeated).")
+                                        "class's spread (below: one image repeated).", ge=0)
     guard_max_copy: float = doc(0.5, "Guard: at most this share of a class's audit edits may be copies of its "
-                                     "training images.")
+                                     "training images.", ge=0, le=1)
     reuse: int = doc(1, "Reuse factor k: each edit is used in k consecutive steps (an in-memory ring, ~1/k of the "
                         "generator work; DA-Fusion's M); 1: every edit fresh.", ge=1,
                      note="times each edit is used; 1: all fresh")
@@ -432,16 +423,9 @@ class AugConfig:
             if self.target_mode == "intra" and self.adaptive_pairs > 0:
                 raise ConfigError("aug.adaptive_pairs > 0 changes targets, which aug.target_mode=intra keeps equal "
                                   "to the source; set aug.adaptive_pairs=0 or target_mode inter/uniformize")
-        _in_range("aug.label_correction", self.label_correction, 0, 1, hi_open=True)
         if self.guard == "on" and not self.audit and self.alpha > 0:
             raise ConfigError("aug.guard=on acts on the generator audit: set aug.audit=true, or aug.guard=off to edit "
                               "without it")
-        if self.audit_edits < 2:
-            raise ConfigError(f"aug.audit_edits must be >= 2 (the spread needs pairs), got {self.audit_edits}")
-        _in_range("aug.audit_copy_dist", self.audit_copy_dist, 0, 1, lo_open=True)
-        _in_range("aug.guard_min_target_rate", self.guard_min_target_rate, 0, 1)
-        _at_least("aug.guard_min_spread", self.guard_min_spread, 0)
-        _in_range("aug.guard_max_copy", self.guard_max_copy, 0, 1)
         if self.reuse > 1 and not self.exact_alpha:
             raise ConfigError("aug.reuse > 1 reuses edits slot by slot, which needs the same number of edits every "
                               "step: set aug.exact_alpha=true (or aug.reuse=1)")
