@@ -29,11 +29,11 @@ from .duplicates import NearDuplicateGuard
 from .policy import AugPolicy, read_label_rates
 from .rng import step_rng
 
-# (edited images [M,3,H,W], target classes [M]) -> keep mask [M] bool (True keeps the edit)
 NONFINITE_WINDOW, NONFINITE_WARN = 64, 0.05  # edits per window; share of non-finite edits that is worth a warning
 AUDIT_PER_CLASS = 64  # training images per class the audit's judge is fit on and its copies are measured against
 GUARD_PER_CLASS = 16  # images per class in the near-duplicate bank: enough to flag copies, cheap to load
 
+# (edited images [M,3,H,W], target classes [M]) -> keep mask [M] bool (True keeps the edit)
 EditFilter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
