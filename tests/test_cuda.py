@@ -52,7 +52,7 @@ def test_generator_fp16_edit_on_cuda(tmp_path):
     assert out.shape == x.shape and out.dtype == torch.float32 and finite.all()
 
 
-# ---------------------------------------------------------------- issue 12: the CUDA path under load (make gpu-check)
+# ---------------------------------------------------------------- the CUDA path under load (make gpu-check)
 
 SLEEP = 2_000_000  # GPU cycles (~1 ms): kernels long enough that a missing wait would read unfinished data
 

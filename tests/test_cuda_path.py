@@ -1,4 +1,4 @@
-"""The CUDA path's review defects, checked on CPU (issue 12): DeepSpeed settings that would synchronise the device,
+"""The CUDA path's known failure modes, checked on CPU: DeepSpeed settings that would synchronise the device,
 host-device syncs on the trainer's hot path (the sync lint), the fp16 VAE, SDXL-class UNets, non-finite edits, and
 the producer thread's device."""
 

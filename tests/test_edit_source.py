@@ -1,5 +1,5 @@
 """aug.edit_source: an edit starts from the stored image at the generator's resolution, cropped and flipped as the
-classifier's view was (issue 11, item 3), and comes back at the view's size; the embedded digits keep the view."""
+classifier's view was, and comes back at the view's size; the embedded digits keep the view."""
 
 from __future__ import annotations
 

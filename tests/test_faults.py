@@ -1,4 +1,4 @@
-"""Faults a long run survives (issue 14, README "Faults"), shown with real processes where it matters.
+"""Faults a long run survives (docs/faults.md), shown with real processes where it matters.
 
 In-process: bad config keys; the producer's timeout and death (CUDA out of memory) at the Prefetcher level with fake
 generators; the checkpoint protocol (marker, 'latest', pruning, a full disk) with a fake engine; signal handling;

@@ -1,4 +1,4 @@
-"""Fine-tuning at paper scale (issue 11, item 1): images streamed from the stored originals at the generator's
+"""Fine-tuning at paper scale: images streamed from the stored originals at the generator's
 resolution, mixed precision, gradient checkpointing, multi-vector tokens, the papers' recipes, exact resume.
 
 All on the random tiny SD of tests/tiny_sd.py (16 px native) and small image folders, so each test takes seconds.

@@ -191,7 +191,7 @@ def test_train_py_missing_model_folder_exits_2_before_any_model(tmp_path: Path, 
     assert not out.exists()  # the run directory (and its checkpoints) come after the preflight
 
 
-# ---------------------------------------------------------------- aug.finetune_command (issue 11, item 2)
+# ---------------------------------------------------------------- aug.finetune_command
 
 FINETUNED_PRESETS = sorted(p for p in (REPO / "configs" / "real").glob("*.yaml")
                            if p.stem.startswith(("diff-", "da-fusion")))

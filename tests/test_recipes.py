@@ -1,4 +1,4 @@
-"""The papers' protocols and classifier recipes (issue 11, items 4-5), in-process and fast.
+"""The papers' protocols and classifier recipes, in-process and fast.
 
 Long tail by Diff-Mix eq. 4 (Table 10's totals), k-shot subsets, SGD / AdamW, epochs → steps, timm's training
 transform from the full-resolution image, a frozen backbone, best-on-val's config, the presets under
@@ -48,7 +48,7 @@ def test_cub_lt_totals_follow_eq4_and_table10(ratio: float, table10: int, expect
     counts = np.bincount(CUB_TRAIN[keep], minlength=200)
     assert sorted(counts.tolist(), reverse=True) == diffmix_counts(5994 / 200, 200, ratio)
     assert counts.max() == 29 and counts.min() == (1 if ratio >= 50 else 2)  # head int(29.97); tail clamp at 1
-    if ratio != 50:  # IF 100 and 10: Table 10 exactly (the issue asks for ~1 %)
+    if ratio != 50:  # IF 100 and 10: Table 10 exactly, not only within ~1 %
         assert len(keep) == table10
     else:  # Table 10's 'IF 50' figure is eq. 4 at IF 20; IF 50 itself gives 1,427 (longtail.diffmix_counts doc)
         assert sum(diffmix_counts(5994 / 200, 200, 20)) == table10
