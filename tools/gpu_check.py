@@ -26,10 +26,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -100,44 +98,11 @@ def _demo_trainer(steps: int, extra: list[str]):
     return Trainer(cfg, show_progress=False)
 
 
-class SyncRecorder:
-    """Collects torch's sync-debug warnings with the thread and the nearest call site in online_aug."""
-
-    def __init__(self) -> None:
-        self.by_thread: Counter = Counter()
-        self.by_site: Counter = Counter()
-        self.ours_in_trainer = 0  # from online_aug code in the trainer's (main) thread
-        self.lock = threading.Lock()
-
-    def showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchroniz" not in str(message):
-            return self._orig(message, category, filename, lineno, file, line)
-        site = "outside online_aug"
-        for fr in reversed(traceback.extract_stack()[:-1]):
-            if f"{os.sep}online_aug{os.sep}" in fr.filename:
-                site = f"{Path(fr.filename).name}:{fr.lineno} {fr.name}"
-                break
-        with self.lock:
-            self.by_thread[threading.current_thread().name] += 1
-            self.by_site[site] += 1
-            if threading.current_thread() is threading.main_thread() and site != "outside online_aug":
-                self.ours_in_trainer += 1
-
-    def __enter__(self) -> SyncRecorder:
-        self._orig = warnings.showwarning
-        warnings.showwarning = self.showwarning
-        warnings.filterwarnings("always", message=".*synchroniz.*")
-        torch.cuda.set_sync_debug_mode("warn")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = self._orig
-
-
 def sync_audit_and_trace(steps: int = 20, traced: int = 8) -> dict:
     """The sync audit over ``steps`` training steps with the prefetch queue, then a profiler trace of ``traced``."""
     from torch.profiler import ProfilerActivity, profile
+
+    from online_aug.testing.sync import SyncLint
 
     tr = _demo_trainer(steps + traced + 5, [])
     res: dict[str, Any] = {}
@@ -145,14 +110,14 @@ def sync_audit_and_trace(steps: int = 20, traced: int = 8) -> dict:
         for _ in range(5):  # warm-up: the queue fills, kernels are selected (outside the audit)
             tr.train_step(next(tr.source))
         _sync()
-        with SyncRecorder() as rec:
+        with SyncLint(cuda=True) as rec:  # every sync the CUDA runtime makes, by thread and call site
             for _ in range(steps * tr.accum):
                 tr.train_step(next(tr.source))
         _sync()  # outside the audit and the trace: this one is ours
         res["sync_audit"] = {"steps": steps, "by_thread": dict(rec.by_thread),
                              "by_site": dict(rec.by_site.most_common(20)),
                              "trainer_thread_per_step": rec.by_thread.get("MainThread", 0) / steps,
-                             "ours_in_trainer_per_step": rec.ours_in_trainer / steps}
+                             "ours_in_trainer_per_step": rec.ours_in_main / steps}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(traced * tr.accum):
                 tr.train_step(next(tr.source))
