@@ -10,6 +10,9 @@
      prefetch queue with aug.reuse=K; every variant reports its generator demand (edits generated per micro-step).
 
     python tools/bench.py [--batch 32] [--steps 30] [--rounds 2] [--reuse K] [--out bench.json] [overrides]
+
+The measuring code (timing harness, diffusers baseline, training benchmark) is online_aug/experiments/timing.py,
+shared with tools/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -17,165 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from online_aug.config import load_config
-from online_aug.data import build_splits
-from online_aug.devices import pick_device, resolve_dtype
-from online_aug.generator import SDEditGenerator, class_prompts, load_sd, resolve_class_names
+from online_aug.devices import pick_device
+from online_aug.experiments.timing import bench_generation, bench_training
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class UNetCounter:
-    """Counts UNet evaluations per image: each forward adds its batch size (CFG doubles it, as it costs)."""
-
-    def __init__(self, unet: torch.nn.Module):
-        self.n = 0
-        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        self.n += int(args[0].shape[0] if args else kwargs["sample"].shape[0])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # benchmark boundary only
-
-
-def bench_generation(model: str, batch: int, device: torch.device, repeats: int, cfg) -> dict:
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
-
-    dtype = resolve_dtype("auto", device)
-    comps = load_sd(model, device, dtype)
-    # diffusers' SD 1.x img2img runs the VAE in the UNet's dtype (no force_upcast there); both sides do here
-    comps.vae.to(dtype)
-    splits = build_splits(cfg.data)
-    names = resolve_class_names(cfg.aug.class_names, splits.class_names)
-    prompts = class_prompts(cfg.aug.prompt, names)
-    images = splits.train.tensors(cfg.data.image_size)[0][:batch].to(device)
-    g = torch.Generator().manual_seed(0)
-    strengths = torch.tensor([0.5, 0.7, 0.9])[torch.randint(3, (batch,), generator=g)]
-    targets = torch.randint(len(names), (batch,), generator=g)
-    gs = cfg.aug.guidance_scale
-    res = {}
-
-    def run_ours(schedule: str, steps: int) -> tuple[float, float]:
-        gen = SDEditGenerator(comps, prompts, guidance_scale=gs, schedule=schedule, steps=steps, grid_steps=steps,
-                              scheduler="ddim", device=device, dtype=dtype)
-        gen.edit(images, strengths, targets, torch.Generator(device).manual_seed(1))  # warm-up
-        counter = UNetCounter(comps.unet)
-        _sync(device)
-        t0 = time.perf_counter()
-        for r in range(repeats):
-            gen.edit(images, strengths, targets, torch.Generator(device).manual_seed(r))
-        _sync(device)
-        dt = time.perf_counter() - t0
-        counter.handle.remove()
-        return counter.n / (repeats * batch), repeats * batch / dt
-
-    pipe = StableDiffusionImg2ImgPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                                          unet=comps.unet, scheduler=DDIMScheduler.from_config(comps.scheduler.config),
-                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    gen_for_embeds = SDEditGenerator(comps, prompts, guidance_scale=gs, device=device, dtype=dtype)
-    res_px = gen_for_embeds.resolution
-
-    def run_diffusers() -> tuple[float, float]:
-        x = torch.nn.functional.interpolate(images, size=(res_px, res_px), mode="bilinear", antialias=True)
-        def once(seed: int) -> None:
-            for s in (0.5, 0.7, 0.9):  # one pipeline call per strength group: its best case
-                sel = strengths == s
-                if not sel.any():
-                    continue
-                emb = gen_for_embeds.prompt_embeds[targets[sel].to(device)]
-                neg = gen_for_embeds.uncond_embeds.expand(len(emb), -1, -1)
-                pipe(image=x[sel.to(device)], prompt_embeds=emb, negative_prompt_embeds=neg, strength=s,
-                     num_inference_steps=25, guidance_scale=gs, output_type="pt",
-                     generator=torch.Generator(device).manual_seed(seed))
-        once(0)
-        counter = UNetCounter(comps.unet)
-        _sync(device)
-        t0 = time.perf_counter()
-        for r in range(repeats):
-            once(r)
-        _sync(device)
-        dt = time.perf_counter() - t0
-        counter.handle.remove()
-        return counter.n / (repeats * batch), repeats * batch / dt
-
-    d_evals, d_ips = run_diffusers()
-    f_evals, f_ips = run_ours("fewstep", cfg.aug.steps)
-    g_evals, g_ips = run_ours("grid", 25)
-    res["diffusers_img2img_25"] = {"unet_evals_per_image": d_evals, "images_per_s": d_ips}
-    res[f"ours_fewstep_K{cfg.aug.steps}"] = {"unet_evals_per_image": f_evals, "images_per_s": f_ips}
-    res["ours_grid_25"] = {"unet_evals_per_image": g_evals, "images_per_s": g_ips}
-    res["ratio_fewstep_vs_diffusers"] = {"unet_evals": d_evals / f_evals, "images_per_s": f_ips / d_ips}
-    res["ratio_grid_vs_diffusers"] = {"unet_evals": d_evals / g_evals, "images_per_s": g_ips / d_ips}
-    return res
-
-
-def _time_training(config: str, overrides: list[str], name: str, extra: list[str], steps: int,
-                   device: torch.device) -> dict:
-    from online_aug.trainer import Trainer
-
-    # run.out_dir first so that an override can move it; the rest is what makes the variants comparable
-    cfg = load_config(config, ["run.out_dir=/tmp/online_aug_bench", *overrides, *extra, f"run.name=bench-{name}",
-                               f"train.steps={steps + 5}", "aug.image_every=0"])
-    tr = Trainer(cfg, show_progress=False)
-    try:
-        for _ in range(5):  # warm-up (and lets the queue fill, as it would in a long run)
-            tr.train_step(next(tr.source))
-        _sync(device)
-        stall = fresh = 0.0
-        t0 = time.perf_counter()
-        n = 0
-        for _ in range(steps * tr.accum):
-            b = next(tr.source)
-            stall += b.stats.get("aug/stall_ms", 0.0)
-            fresh += b.stats.get("aug/fresh_edits", 0.0)
-            tr.train_step(b)
-            n += len(b.labels)
-        _sync(device)
-        dt = time.perf_counter() - t0
-    finally:
-        tr.source.close()
-        tr.monitor.close()
-    return {"images_per_s": n / dt, "stall_fraction": stall / 1000 / dt,
-            "generated_per_step": fresh / (steps * tr.accum)}
-
-
-def bench_training(config: str, overrides: list[str], steps: int, device: torch.device, rounds: int = 2,
-                   reuse: int = 1) -> dict:
-    """Each variant ``rounds`` times, interleaved (plain, prefetch, sync, plain, ...), best round kept.
-
-    Interleaving and keeping the best (timeit's rule) stop a one-off disturbance, or whatever ran just before the
-    first variant, from deciding a ratio: a single pass once measured plain training slower than augmented.
-    """
-    variants = {
-        "plain": ["aug.alpha=0"],
-        "online_prefetch": ["aug.prefetch=true"],
-        "online_sync": ["aug.prefetch=false"],
-    }
-    if reuse > 1:  # aug.reuse: each edit used in `reuse` steps, about 1/reuse of the generator work
-        variants[f"online_prefetch_reuse{reuse}"] = ["aug.prefetch=true", f"aug.reuse={reuse}"]
-    runs: dict[str, list[dict]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, extra in variants.items():
-            runs[name].append(_time_training(config, overrides, name, extra, steps, device))
-    out: dict = {}
-    for name, rs in runs.items():
-        best = max(rs, key=lambda r: r["images_per_s"])
-        out[name] = {**best, "rounds_images_per_s": [round(r["images_per_s"], 2) for r in rs]}
-    out["ratio_prefetch_vs_sync"] = out["online_prefetch"]["images_per_s"] / out["online_sync"]["images_per_s"]
-    out["ratio_prefetch_vs_plain"] = out["online_prefetch"]["images_per_s"] / out["plain"]["images_per_s"]
-    if reuse > 1:
-        r = out[f"online_prefetch_reuse{reuse}"]
-        out["ratio_reuse_generated"] = r["generated_per_step"] / max(out["online_prefetch"]["generated_per_step"], 1e-9)
-    return out
 
 
 def main() -> None:
