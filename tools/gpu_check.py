@@ -10,8 +10,9 @@ H100; JSON and a markdown table under ``reports/gpu/``. Without CUDA it says so 
 4. Benchmarks side by side: the few-step generator on SD 1.5's architecture (random weights, built in code:
    online_aug/sdtrain/sd15.py) at 512 and 256 px, K = 1, 2, 4, batch 32, eager vs CUDA graph; diffusers'
    StableDiffusionImg2ImgPipeline at the papers' 25 steps on the same model; training images/s of ResNet-50 at
-   224 px plain vs online (prefetch, sync) at alpha 0.1 and 0.25 with the 256 px K = 2 generator (tools/bench.py's
-   bench_training); overlap efficiency step_time / max(T_train, T_gen) and the stall fraction.
+   224 px plain vs online (prefetch, sync) at alpha 0.1 and 0.25 with the 256 px K = 2 generator (bench_training
+   of online_aug/experiments/timing.py, as tools/bench.py); overlap efficiency step_time / max(T_train, T_gen) and
+   the stall fraction.
 
     python tools/gpu_check.py [--out reports/gpu] [--budget-s 540] [--skip-tests] [--skip-bench]
 
@@ -162,17 +163,6 @@ def analyse_trace(trace: dict) -> dict:
 # ---------------------------------------------------------------- 4. benchmarks
 
 
-def _timed(fn, batch: int, repeats: int) -> float:
-    """images/s of ``fn(seed)`` (one batch per call) after one warm-up call (which also captures a graph)."""
-    fn(0)
-    _sync()
-    t0 = time.perf_counter()
-    for r in range(repeats):
-        fn(r + 1)
-    _sync()
-    return repeats * batch / (time.perf_counter() - t0)
-
-
 def bench_generator(sizes=(512, 256), ks=(1, 2, 4), batch: int = 32, repeats: int = 2, budget: Budget | None = None,
                     results: dict | None = None) -> dict:
     """images/s of the few-step loop on SD 1.5's architecture, eager vs CUDA graph, and diffusers' 25-step img2img."""
@@ -184,9 +174,8 @@ def bench_generator(sizes=(512, 256), ks=(1, 2, 4), batch: int = 32, repeats: in
 
 
 def _bench_size(px: int, ks, batch: int, repeats: int, budget: Budget | None, results: dict) -> dict:
-    from diffusers import StableDiffusionImg2ImgPipeline
-
     from online_aug.config import AugConfig
+    from online_aug.experiments.timing import img2img_baseline, strength_batch, time_calls
     from online_aug.generator import SDEditGenerator
     from online_aug.generator.graphs import apply_speed_options
     from online_aug.generator.loading import SDComponents
@@ -201,8 +190,7 @@ def _bench_size(px: int, ks, batch: int, repeats: int, budget: Budget | None, re
                          scheduler=c["scheduler"])
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, px, px, generator=g).to(dev)
-    strengths = torch.tensor([0.5, 0.7, 0.9])[torch.randint(3, (batch,), generator=g)]
-    targets = torch.randint(10, (batch,), generator=g)
+    strengths, targets = strength_batch(batch, 10)
     prompts = [f"a photo of a class {i}" for i in range(10)]
     for K in ks:
         for mode in ("eager", "graph"):
@@ -212,35 +200,21 @@ def _bench_size(px: int, ks, batch: int, repeats: int, budget: Budget | None, re
             gen = SDEditGenerator(comps, prompts, steps=K, device=dev, dtype=dt)
             if mode == "graph":
                 apply_speed_options(gen, AugConfig(cuda_graph="always", channels_last=False))
-            out[f"{px}px_K{K}_{mode}"] = round(_timed(
+            out[f"{px}px_K{K}_{mode}"] = round(time_calls(
                 lambda seed, gen=gen: gen.edit(images, strengths, targets, torch.Generator(dev).manual_seed(seed)),
-                batch, repeats), 2)
+                batch, repeats, dev)[0], 2)
     if budget is not None and not budget.fits(60 if px >= 512 else 20, f"diffusers img2img {px}px", results):
         return out
-    pipe = StableDiffusionImg2ImgPipeline(**{k: v for k, v in c.items() if k != "image_encoder"},
-                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
     ref = SDEditGenerator(comps, prompts, device=dev, dtype=dt)
-
-    def img2img(seed: int) -> None:
-        for s in (0.5, 0.7, 0.9):  # one pipeline call per strength group: its best case (as tools/bench.py)
-            sel = strengths == s
-            if sel.any():
-                emb = ref.prompt_embeds[targets[sel].to(dev)]
-                pipe(image=images[sel.to(dev)], prompt_embeds=emb,
-                     negative_prompt_embeds=ref.uncond_embeds.expand(len(emb), -1, -1), strength=s,
-                     num_inference_steps=25, guidance_scale=3.0, output_type="pt",
-                     generator=torch.Generator(dev).manual_seed(seed))
-
-    out[f"{px}px_diffusers_img2img_25"] = round(_timed(img2img, batch, 1), 2)
+    img2img = img2img_baseline(comps, ref, images, strengths, targets, guidance_scale=3.0)
+    out[f"{px}px_diffusers_img2img_25"] = round(time_calls(img2img, batch, 1, dev)[0], 2)
     return out
 
 
 def bench_train(alphas=(0.1, 0.25), steps: int = 20, budget: Budget | None = None,
                 results: dict | None = None, sample_size: int = 256, extra: tuple[str, ...] = ()) -> dict:
     """ResNet-50 at 224 px: plain vs online (prefetch, sync) with the 256 px K = 2 SD-1.5-architecture generator."""
-    from bench import bench_training
-
+    from online_aug.experiments.timing import bench_training
     from online_aug.sdtrain.sd15 import save_sd15
 
     folder = WORK / f"sd15-{sample_size}"
