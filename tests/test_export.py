@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from online_aug.config import ConfigError, load_config
+from online_aug.config import ConfigError, load_config, read_resolved
 from online_aug.data import build_splits
 from online_aug.export import export_run
 from online_aug.monitor import read_summary
@@ -108,9 +108,11 @@ def _check_round_trip(run_dir: Path, export: Path, tb_prefix: str) -> None:
 def test_epochs_set_the_steps_and_sgd_ran(selected_run: Path) -> None:
     cfg = load_config(selected_run / "config.yaml")
     n_train = len(build_splits(cfg.data).train)
-    assert cfg.train.epochs == 1 and cfg.train.steps == math.ceil(n_train / 32)  # recorded in the run's config
+    steps = read_resolved(selected_run / "config.yaml")["train_steps"]  # recorded beside the config, not in it
+    assert cfg.train.epochs == 1 and steps == math.ceil(n_train / 32)
+    assert cfg.train.steps == load_config(REPO / "configs" / "baseline.yaml").train.steps  # the config stays as asked
     tag = (selected_run / "checkpoints" / "latest").read_text().strip()
-    assert tag == f"step{cfg.train.steps:08d}"
+    assert tag == f"step{steps:08d}"
     optim = torch.load(next((selected_run / "checkpoints" / tag).glob("*optim_states.pt")), map_location="cpu",
                        weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
     group = optim["param_groups"][0]
@@ -119,13 +121,13 @@ def test_epochs_set_the_steps_and_sgd_ran(selected_run: Path) -> None:
 
 
 def test_select_val_reports_the_best_val_weights_on_test(selected_run: Path) -> None:
-    cfg = load_config(selected_run / "config.yaml")
+    steps = read_resolved(selected_run / "config.yaml")["train_steps"]
     rows = read_summary(selected_run)
     val = [r for r in rows if r["split"] == "val"]
-    assert [int(r["step"]) for r in val] == [*range(4, cfg.train.steps, 4), cfg.train.steps]
+    assert [int(r["step"]) for r in val] == [*range(4, steps, 4), steps]
     best = max(val, key=lambda r: (float(r["eval_balanced_acc"]), -int(r["step"])))  # first best
     final = rows[-1]
-    assert final["split"] == "test" and int(final["step"]) == cfg.train.steps
+    assert final["split"] == "test" and int(final["step"]) == steps
     assert int(final["selected_step"]) == int(best["step"])
     states = torch.load(selected_run / "checkpoints" / "best" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)
