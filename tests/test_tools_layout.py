@@ -24,7 +24,7 @@ def _imported_modules(tree: ast.AST) -> set[str]:
 
 
 def _touches_sys_path(tree: ast.AST) -> bool:
-    """``sys.path`` read in any way other than a plain lookup (insert, append, assignment, extend, ...)."""
+    """Any use of ``sys.path`` (insert, append, assignment, ...): a tool has no reason to read or change it."""
     return any(isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
                and node.value.id == "sys" for node in ast.walk(tree))
 
