@@ -173,7 +173,9 @@ def test_training_run_with_the_filter_counts_filtered_edits(tiny_clip, tmp_path)
     cmd = [sys.executable, "train.py", "--config", "configs/diff-mix.yaml", "run.name=filt", f"run.out_dir={out}",
            "train.steps=3", "train.eval_every=3", "train.log_every=3", "train.batch_size=16", "data.image_size=16",
            f"aug.model={sd}", "aug.textual_inversion=", "aug.lora=",  # those belong to the committed tiny SD
+           "aug.prompt=a photo of a {name}",  # without the learned tokens, the prompt names the class
            "aug.steps=1", "aug.image_every=0", "aug.filter_fraction=0.5",
+           "aug.guard=off", "aug.audit=false",  # a random tiny SD: the guard would turn every edit off
            f"aug.filter_model={tiny_clip}"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
