@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .duplicates import NearDuplicateGuard
 
 JUDGE_SIZE = 16  # pixel judge: 16x16 grayscale (digits at 8x8 lose the strokes; larger buys nothing here)
@@ -172,8 +172,14 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
     a = cfg.aug
     t0 = time.perf_counter()
     num_classes = len(bank)
-    images = torch.cat(bank)
-    labels = np.concatenate([np.full(len(x), c) for c, x in enumerate(bank)])
+    # a class without training images has a placeholder in the bank (augment.guard_bank): nothing to judge it by
+    present = [len(x) > 0 and float(x.max()) <= 1.0 for x in bank]
+    if sum(present) < 2:
+        raise ConfigError("the generator audit needs training images of at least 2 classes to judge its edits by; "
+                          "set aug.audit=false and aug.guard=off to edit without it")
+    images = torch.cat([x for x, ok in zip(bank, present) if ok])
+    labels = np.concatenate([np.full(len(x), c) for c, (x, ok) in enumerate(zip(bank, present)) if ok])
+    bank = [x if ok else images[:0] for x, ok in zip(bank, present)]
     judge = _Judge(cfg, images, labels, device)
     feat = NearDuplicateGuard.features
     bank_f = [feat(x) for x in bank]
@@ -211,8 +217,8 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
             else 0.0
         lift = rate - base
         spread, copy = measured[c]
-        why = []
-        if lift < a.guard_min_target_rate:
+        why = [] if present[c] else ["no training image of the class to judge its edits by"]
+        if present[c] and lift < a.guard_min_target_rate:
             why.append(f"target rate {rate:.2f} is only {lift:+.2f} over the {base:.2f} its other edits get: "
                        f"it does not draw the class")
         if not spread >= a.guard_min_spread:

@@ -149,3 +149,16 @@ def test_a_guard_that_turns_every_class_off_trains_the_baseline_and_says_so(tmp_
     assert "warning: aug.guard=off" in text
     plain, _ = _run(tmp_path / "plain", ["aug.guard=off", "aug.audit=false"], clean_env)
     assert _losses(forced) == _losses(plain) and _losses(forced) != _losses(base)
+
+
+def test_a_class_without_training_images_gets_no_edits_and_an_audit_without_two_classes_says_what_to_set(digits):
+    cfg, splits, bank, pool = digits
+    holed = list(bank)
+    holed[3] = torch.full((1, 3, 8, 8), 1e3)  # what guard_bank holds for a class with no training image
+    audit = audit_generator(cfg, _Editor("knows", bank, pool), holed, splits.class_names,
+                            splits.train.class_counts(), CPU)
+    assert not audit.allowed[3] and "no training image" in audit.classes[3].why
+    assert audit.allowed.sum() >= 7
+    with pytest.raises(ConfigError, match="aug.audit=false"):
+        audit_generator(cfg, _Editor("knows", bank, pool), [bank[0], torch.full((1, 3, 8, 8), 1e3)], ["a", "b"],
+                        [1, 0], CPU)
