@@ -29,6 +29,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def run_config(resume: str) -> str | None:
+    """The config.yaml of the run that ``--resume PATH`` names: PATH is the run directory, its checkpoints/ folder or
+    one checkpoint tag inside it (online_aug.checkpoint.find_resume); None when none of them holds one."""
+    p = Path(resume)
+    for run_dir in (p, p.parent, p.parent.parent):
+        if (run_dir / "config.yaml").is_file():
+            return str(run_dir / "config.yaml")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get(INJECT_ENV):
         # tests only (tests/test_faults.py): fault injectors for this process; the package never imports them itself
@@ -37,15 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         install()
     args = parse_args(argv)
     config_path = args.config
-    if config_path is None and args.resume and Path(args.resume, "config.yaml").is_file():
-        config_path = str(Path(args.resume, "config.yaml"))  # resuming a run dir reuses its resolved config
+    if config_path is None and args.resume and args.resume != "latest":
+        config_path = run_config(args.resume)  # resuming a run reuses its config
+    bar = ""  # before run(), no progress bar is on screen
     try:
         cfg = load_config(config_path, args.overrides)
         from online_aug.trainer import run  # heavy imports (deepspeed, diffusers) after the config is known good
 
+        bar = "\n"  # from here the bar may be on screen, its line unended: the error starts a fresh one
         run(cfg, resume=args.resume)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"{bar}config error: {e}", file=sys.stderr, flush=True)
         return 2
     except RunStopped as e:
         print(f"\n{e}", file=sys.stderr, flush=True)

@@ -249,7 +249,9 @@ def check_resume(saved: dict[str, Any], cfg_dict: dict[str, Any], saved_steps: i
         raise ConfigError(f"--resume with {k}={new[k]!r}: the checkpoint was trained with {k}={old[k]!r} and cannot "
                           f"be continued with another (weights, optimizer state or data split would not match); "
                           f"drop the override, or start a new run with --config")
-    if ckpt_step is not None and steps < ckpt_step:
+    # steps == ckpt_step trains nothing either; unless it is the step count the run planned (a finished run resumed
+    # as it is), accepting it would only rewrite config.yaml with a length its learning-rate schedule never had
+    if ckpt_step is not None and (steps < ckpt_step or steps == ckpt_step != saved_steps):
         raise ConfigError(f"--resume with train.steps={steps}: the checkpoint is already at step {ckpt_step}; nothing "
                           f"to train (the run's config.yaml is left as it was). Give train.steps > {ckpt_step} to "
                           f"extend the run")
