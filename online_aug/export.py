@@ -146,4 +146,18 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     save_for_hf(model, str(out), safe_serialization=True, data_config=data_config,
                 model_config={"label_names": names, "mean": list(mean), "std": list(std), "input_size": list(size),
                               "online_aug": provenance})
+    # safetensors writes model.safetensors through a private (0600) temporary file; the folder is meant to be shared
+    # (and uploaded) like config.json, so both get the mode the umask gives a new file
+    mode = 0o666 & ~_umask()
+    for name in ("model.safetensors", "config.json"):
+        if (out / name).is_file():
+            (out / name).chmod(mode)
     return out
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask

@@ -147,6 +147,10 @@ def read_label_rates(path: str, num_classes: int) -> torch.Tensor:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"aug.label_rates: {path} has no 'target_rate' for each of the {num_classes} classes "
                           f"({type(e).__name__}: {e}); rewrite it with tools/edit_rates.py") from None
+    if len(rates) != num_classes:  # rates measured on another data set: its classes are not these
+        raise ConfigError(f"aug.label_rates: {path} has target rates for {len(rates)} classes but the dataset has "
+                          f"{num_classes}; measure them on this data set with tools/edit_rates.py --config <this "
+                          f"config> --out {path}")
     if not all(0 <= v <= 1 for v in values):
         raise ConfigError(f"aug.label_rates: {path} has rates outside [0, 1]: {values}")
     return torch.tensor(values)

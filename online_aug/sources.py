@@ -122,8 +122,11 @@ def prepare_batch_source(cfg: Config, splits) -> None:
         return
     from .data import attach_masks, check_generator_folders
     from .generator.preflight import check_generator_inputs
+    from .policy import read_label_rates
 
     check_generator_inputs(cfg.aug, splits.num_classes)
+    if cfg.aug.label_rates:  # build_augmenter reads it again; a bad file fails here, before the bar and the models
+        read_label_rates(cfg.aug.label_rates, splits.num_classes)
     # a generator that saw this run's validation or test images would leak them into training
     check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, cfg.aug.lora], splits)
     if cfg.aug.mask_mode != "off":  # object masks travel with their images from the loader on

@@ -181,9 +181,11 @@ results = {}
 for path in paths:
     name = path.rsplit("/", 1)[-1][:-5]
     try:
-        # the random tiny SD has no learned tokens: a {token} prompt falls back to the class name
+        # the random tiny SD has no learned tokens: a {token} prompt falls back to the class name, and a prompt the
+        # tokens would have completed ("a photo") names the class itself (one prompt for every class is refused)
         prompt = load_config(path).aug.prompt
-        extra = [f"aug.prompt={prompt.replace('{token}', '{name}')}"] if "{token}" in prompt else []
+        named = prompt.replace('{token}', '{name}') if "{" in prompt else f"{prompt} {{name}}"
+        extra = [f"aug.prompt={named}"] if named != prompt else []
         cfg = load_config(path, overrides + extra + [f"run.name={name}"])
         trainer = Trainer(cfg, show_progress=False)
         metrics = trainer.fit()

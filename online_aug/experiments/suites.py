@@ -132,12 +132,15 @@ class Plan:
         if self.model:
             out.append(f"aug.model={self.model}")
             # A preset's learned tokens / LoRA belong to its own base model (loading them onto another is an
-            # error): drop them, and let a {token} prompt fall back to the class name. Extra overrides can add ones
+            # error): drop them, and let a {token} prompt fall back to the class name (a prompt the tokens completed,
+            # "a photo", gets the name appended: one prompt for every class is refused). Extra overrides can add ones
             # learned on the model.
             out += ["aug.textual_inversion=", "aug.lora="]
             prompt = load_config(preset_path(row.preset)).aug.prompt
             if "{token}" in prompt:
                 out.append(f"aug.prompt={prompt.replace('{token}', '{name}')}")
+            elif "{name}" not in prompt:
+                out.append(f"aug.prompt={prompt} {{name}}")
         if self.val:
             out.append("train.eval_split=val")  # the presets' protocol split holds a balanced validation split
         return out + row.overrides + list(self.extra)

@@ -16,6 +16,7 @@ from typing import Any
 
 from online_aug.config import AugConfig, ConfigError
 from online_aug.generator.hub import looks_like_path
+from online_aug.generator.prompts import check_prompt_template, check_prompts_name_classes, prompt_templates
 
 # Deliberate copies of names owned by the loaders, which import diffusers: SD_SUBFOLDERS of generator/loading.py and
 # MANIFEST, MANIFEST_FORMAT, LORA_FILE of generator/finetuned.py. tests/test_preflight.py keeps them equal.
@@ -28,7 +29,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
     """ConfigError naming the key for each ``aug.*`` input that cannot work; nothing to check when ``aug.alpha`` is 0.
 
-    Checks ``aug.class_names`` against ``num_classes``; a local ``aug.model`` folder (its subfolders, and
+    Checks ``aug.class_names`` against ``num_classes``; the prompt templates (placeholders, and a class named in
+    each where no learned token tells the classes apart); a local ``aug.model`` folder (its subfolders, and
     ``aug.resolution`` against its UNet and VAE configs); the ``aug.textual_inversion`` and ``aug.lora`` folders
     written by tools/finetune_sd.py (a missing one prints ``aug.finetune_command``, the command that makes it); and
     ``aug.taesd`` / ``aug.filter_model`` (with ``aug.filter_fraction`` > 0)
@@ -39,6 +41,9 @@ def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
     if aug.class_names and len(aug.class_names) != num_classes:
         raise ConfigError(f"aug.class_names has {len(aug.class_names)} names but the dataset has {num_classes} "
                           f"classes; give one name per class or leave it empty")
+    for key, template in prompt_templates(aug):
+        check_prompt_template(template, key, with_tokens=bool(aug.textual_inversion))
+    check_prompts_name_classes(aug)
     model_dir = _local_folder(aug.model)
     if model_dir is not None:
         configs = _check_sd_folder(aug.model, model_dir)

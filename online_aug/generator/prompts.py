@@ -7,6 +7,7 @@ A prompt template holds ``{name}`` (the class name) and/or ``{token}`` (the clas
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,34 @@ def check_prompt_template(template: str, key: str, with_tokens: bool) -> None:
     if "{token}" in template and not with_tokens:
         raise ConfigError(f"{key}={template!r} uses {{token}} but no learned tokens are loaded; set "
                           f"aug.textual_inversion to a folder written by tools/finetune_sd.py, or use {{name}}")
+
+
+def names_class(template: str) -> bool:
+    """Does the template put the class into the prompt (a ``{name}`` or ``{token}`` field, in any format spec)?"""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError:
+        return False
+    return bool({f.split(".")[0].split("[")[0] for f in fields} & {"name", "token"})
+
+
+def check_prompts_name_classes(aug: AugConfig) -> None:
+    """ConfigError naming the key of a prompt template that names no class when nothing else tells the classes apart.
+
+    Without learned tokens (``aug.textual_inversion``) such a template gives every class the same prompt, so an edit
+    toward class t is not steered to t while its label says t. Intra-class edits below strength 1 are the exception:
+    their label is the source's, and the source image, not the prompt, carries the class (a class-agnostic SDEdit).
+    """
+    if aug.textual_inversion:
+        return  # a template without {name}/{token} gets the class's token appended (render_prompt)
+    top = aug.strength_range[1] if aug.strength_range else max(aug.strengths, default=0.0)
+    if aug.target_mode == "intra" and top < 1:
+        return
+    for key, template in prompt_templates(aug):
+        if not names_class(template):
+            raise ConfigError(f"{key}={template!r} names no class and no learned tokens tell the classes apart: "
+                              f"every class would get the same prompt. Put {{name}} where the class name goes "
+                              f"(e.g. 'a photo of a {{name}}'), or set aug.textual_inversion to learned tokens")
 
 
 def render_prompt(template: str, name: str, token: str | None) -> str:
