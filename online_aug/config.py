@@ -231,10 +231,11 @@ class TrainConfig:
                                 "skipped and counted; this many in a row stop the run (exit 3); 0: off.", ge=0)
     max_loss: float = doc(0.0, "Divergence guard: a finite loss above this also counts as bad (0: no threshold).",
                           ge=0)
-    guard_every: int = doc(1, "Divergence guard interval: 1 reads each micro-batch's loss on the host and skips a bad "
+    guard_every: int = doc(0, "Divergence guard interval: 1 reads each micro-batch's loss on the host and skips a bad "
                               "one exactly (a device sync per micro-batch on GPU); N > 1 checks on the device and "
                               "reads every N steps (no per-step sync): a bad loss then stops the run (exit 3) "
-                              "without saving the weights it reached.", ge=1)
+                              "without saving the weights it reached; 0 (auto): 1 on CPU, train.log_every on CUDA.",
+                           ge=0, note="0: auto")
     eval_batch_size: int = doc(256, "Per-rank eval batch size.", ge=1)
     eval_split: Literal["test", "val"] = doc(
         "test", "Split evaluated during and after training; 'val' (needs data.val_per_class or val_fraction) "

@@ -130,6 +130,15 @@ class StopControl:
 # ---------------------------------------------------------------- divergence
 
 
+def guard_interval(every: int, device: torch.device | str, log_every: int) -> int:
+    """``train.guard_every`` as the run uses it: a set value (>= 1) as it is; 0 (auto) reads the loss every
+    micro-batch where that read is free (exact skipping: CPU and other synchronous devices) and every
+    ``train.log_every`` steps on CUDA, where a per-step host read would stall the launch queue once per step."""
+    if every > 0:
+        return every
+    return max(1, int(log_every)) if torch.device(device).type == "cuda" else 1
+
+
 class DivergenceGuard:
     """Checks each micro-batch's loss before its backward (:meth:`check`: one host read of the loss per micro-batch,
     a device sync on GPU), or, with ``every`` > 1 (``train.guard_every``), on the device only (:meth:`observe`, no

@@ -123,7 +123,8 @@ class Trainer:
         group = faults.cpu_group(self.world)
         self.signals = faults.StopSignals(self.cfg.run.stop_signals)
         self.control = faults.StopControl(self.signals, group)
-        self.guard = (faults.DivergenceGuard(self.engine.module, t.max_bad_steps, t.max_loss, group, t.guard_every)
+        every = faults.guard_interval(t.guard_every, self.device, t.log_every)  # 0: per device
+        self.guard = (faults.DivergenceGuard(self.engine.module, t.max_bad_steps, t.max_loss, group, every)
                       if t.max_bad_steps > 0 else None)
         self.weights_suspect = False  # train.guard_every > 1 found a bad loss that already reached the weights
         self.producer_fault = False  # reported once

@@ -129,7 +129,7 @@ def test_interval_guard_counts_on_the_device_and_reads_once_per_poll():
 
 def test_train_guard_every_is_validated():
     with pytest.raises(ConfigError, match="train.guard_every"):
-        load_config(None, ["train.guard_every=0"])
+        load_config(None, ["train.guard_every=-1"])
 
 
 def test_fp16_vae_with_force_upcast_is_loaded_in_a_wider_dtype(tmp_path):

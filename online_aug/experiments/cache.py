@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..config import ConfigError, load_config, read_resolved
+from ..faults import guard_interval
 from ..monitor import read_summary
 from .suites import ROOT
 
@@ -74,6 +76,11 @@ def user_config(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     if cfg["train"].get("epochs", 0) > 0:
         cfg["train"]["steps"] = None
+    t = cfg["train"]
+    if t.get("guard_every") == 0:  # auto: as it resolves on this machine (a run from before the auto default kept 1)
+        dev = str(cfg.get("run", {}).get("device", "auto"))
+        cuda = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
+        t["guard_every"] = guard_interval(0, "cuda" if cuda else "cpu", int(t.get("log_every", 1)))
     return cfg
 
 
