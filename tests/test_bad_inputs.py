@@ -99,7 +99,7 @@ def test_an_error_after_the_progress_bar_starts_a_fresh_line(tmp_path: Path, cle
 
 
 def _aug(**kw) -> AugConfig:
-    return AugConfig(alpha=0.5, model="some-org/some-sd", **{"target_mode": "inter", **kw})
+    return AugConfig(alpha=0.5, model="some-org/some-sd", **{"target_mode": "inter", "guard": "off", **kw})
 
 
 def _refused(aug: AugConfig, key: str) -> str:
@@ -113,6 +113,7 @@ def _refused(aug: AugConfig, key: str) -> str:
 
 def test_a_prompt_that_names_no_class_is_refused_without_learned_tokens() -> None:
     assert "names no class" in _refused(_aug(prompt="", prompts=[]), "aug.prompt=''")
+    _refused(_aug(prompt=" ", guard="on"), "aug.prompt=' '")  # empty: refused even where the guard would audit it
     _refused(_aug(prompt="a photo"), "aug.prompt='a photo'")
     _refused(_aug(target_mode="uniformize", prompt="a photo"), "aug.prompt='a photo'")
     _refused(_aug(prompts=["a {name}", "a photo"]), "aug.prompts[1]='a photo'")
@@ -125,6 +126,8 @@ def test_prompts_that_tell_the_classes_apart_pass() -> None:
     for prompt in ("a photo of a {name}", "{name}", "a {name!s} digit", "a photo of the digit {name:>5}"):
         check_generator_inputs(_aug(prompt=prompt), 10)
     check_generator_inputs(_aug(target_mode="intra", prompt="a photo", strengths=[0.3, 0.5]), 10)
+    # the guard's audit measures whether the edits are drawn as their class, and keeps them away where they are not
+    check_generator_inputs(_aug(prompt="a photo", guard="on"), 10)
     # with learned tokens a class-agnostic template gets each class's token appended (render_prompt)
     check_prompts_name_classes(_aug(prompt="", textual_inversion="models/some-ti"))
 

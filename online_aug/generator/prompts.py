@@ -68,6 +68,10 @@ def check_prompts_name_classes(aug: AugConfig) -> None:
     Without learned tokens (``aug.textual_inversion``) such a template gives every class the same prompt, so an edit
     toward class t is not steered to t while its label says t. Intra-class edits below strength 1 are the exception:
     their label is the source's, and the source image, not the prompt, carries the class (a class-agnostic SDEdit).
+    With the guard on (``aug.guard=on``) a non-empty one is left to the audit, which measures exactly this (are the
+    edits toward each class drawn as that class?) and keeps edits away from the classes they are not: a
+    prompt-ignoring generator is one of the guard's own test cases (configs/suites/guard.yaml). An empty template is
+    a slip (an unset shell variable), never an experiment: refused either way.
     """
     if aug.textual_inversion:
         return  # a template without {name}/{token} gets the class's token appended (render_prompt)
@@ -75,7 +79,7 @@ def check_prompts_name_classes(aug: AugConfig) -> None:
     if aug.target_mode == "intra" and top < 1:
         return
     for key, template in prompt_templates(aug):
-        if not names_class(template):
+        if not names_class(template) and (aug.guard != "on" or not template.strip()):
             raise ConfigError(f"{key}={template!r} names no class and no learned tokens tell the classes apart: "
                               f"every class would get the same prompt. Put {{name}} where the class name goes "
                               f"(e.g. 'a photo of a {{name}}'), or set aug.textual_inversion to learned tokens")
