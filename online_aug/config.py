@@ -348,7 +348,8 @@ class AugConfig:
     taesd: str = doc("", "Optional AutoencoderTiny (id or folder) used for encode/decode.")
     cuda_graph: Literal["auto", "always", "never"] = doc(
         "auto", "CUDA-graph the few-step UNet loop, captured once per shape in the producer: auto uses it on CUDA when "
-                "the loop is static (fewstep, not lcm, no masks); always also says why when it falls back to eager.")
+                "the loop is static (fewstep, no masks; LCM's per-step noise is drawn before the loop); always also "
+                "says why when it falls back to eager.")
     compile: bool = doc(False, "torch.compile the UNet on CUDA (instead of aug.cuda_graph; the first edits compile); "
                                "eager elsewhere, said in the log.")
     channels_last: bool = doc(True, "On CUDA, UNet and VAE weights in channels_last (faster fp16/bf16 convolutions).")

@@ -5,7 +5,8 @@ turns at the GIL. In few-step mode the denoising loop has static shapes (K UNet 
 exactly round(α·B) edits), so :class:`GraphedLoop` captures the whole loop once per shape as a CUDA graph, in the
 thread that replays it (the producer), with ``capture_error_mode="thread_local"`` so that the trainer's thread keeps
 launching meanwhile, after a warm-up on a side stream; a replay is then a single launch. Inputs are copied into
-static buffers (latents, the per-sample timestep tables, the prompt embeddings) and the output is cloned out of the
+static buffers (latents, the per-sample timestep tables, the prompt embeddings, and LCM's per-step re-noise, drawn
+before the loop from the edit's generator in the order the eager loop draws it) and the output is cloned out of the
 graph's pool. A capture that fails leaves the eager loop in place, said once on stderr.
 
 ``aug.compile`` wraps the UNet in ``torch.compile`` instead (graphs are then not captured here: compile's own
@@ -44,8 +45,6 @@ def graph_unsupported(gen: SDEditGenerator) -> str | None:
         return f"no CUDA device (device {gen.device})"
     if gen.schedule != "fewstep":
         return "aug.schedule=grid: each batch joins the loop at a strength-dependent step"
-    if gen.scheduler.kind == "lcm":
-        return "aug.scheduler=lcm draws fresh noise every step"
     if getattr(gen, "mask_mode", "off") != "off":
         return "aug.mask_mode is on (the masked loop runs eagerly)"
     return None
@@ -86,6 +85,7 @@ class _Captured:
     sched: Schedule
     emb: Tensor
     tcond: Tensor | None
+    step_noises: Tensor | None
     out: Tensor
 
 
@@ -99,9 +99,10 @@ class GraphedLoop:
         self.pool = None  # one memory pool for every shape's graph
         self.replays = 0
 
-    def __call__(self, lat: Tensor, per_sample: Schedule, emb: Tensor, tcond: Tensor | None) -> Tensor:
+    def __call__(self, lat: Tensor, per_sample: Schedule, emb: Tensor, tcond: Tensor | None,
+                 step_noises: Tensor | None = None) -> Tensor:
         key = (tuple(lat.shape), tuple(emb.shape), tuple(per_sample.t.shape), per_sample.first_step,
-               None if tcond is None else tuple(tcond.shape))
+               None if tcond is None else tuple(tcond.shape), None if step_noises is None else tuple(step_noises.shape))
         cap = self.graphs.get(key)
         if cap is None and key not in self.failed:
             if len(self.graphs) >= MAX_SHAPES:
@@ -109,25 +110,28 @@ class GraphedLoop:
                 _say(f"aug.cuda_graph: eager loop for shape {key[0]} ({self.failed[key]}; aug.exact_alpha=true keeps "
                      f"one)")
             else:
-                cap = self._capture(key, lat, per_sample, emb, tcond)
+                cap = self._capture(key, lat, per_sample, emb, tcond, step_noises)
         if cap is None:
-            return self.gen._denoise(lat, per_sample, emb, tcond)
+            return self.gen._denoise(lat, per_sample, emb, tcond, step_noises)
         cap.lat.copy_(lat)
         for name in ("t", "t_prev", "active"):
             getattr(cap.sched, name).copy_(getattr(per_sample, name))
         cap.emb.copy_(emb)
         if tcond is not None:
             cap.tcond.copy_(tcond)
+        if step_noises is not None:
+            cap.step_noises.copy_(step_noises)
         cap.graph.replay()
         self.replays += 1
         return cap.out.clone()  # the graph's pool is overwritten by the next replay
 
-    def _capture(self, key: tuple, lat: Tensor, per_sample: Schedule, emb: Tensor,
-                 tcond: Tensor | None) -> _Captured | None:
+    def _capture(self, key: tuple, lat: Tensor, per_sample: Schedule, emb: Tensor, tcond: Tensor | None,
+                 step_noises: Tensor | None) -> _Captured | None:
         gen = self.gen
         sched = Schedule(per_sample.t.clone(), per_sample.t_prev.clone(), per_sample.active.clone(),
                          per_sample.start.clone(), per_sample.first_step)
-        static = (lat.clone(), sched, emb.clone(), None if tcond is None else tcond.clone())
+        static = (lat.clone(), sched, emb.clone(), None if tcond is None else tcond.clone(),
+                  None if step_noises is None else step_noises.clone())
         try:
             side = torch.cuda.Stream(gen.device)
             side.wait_stream(torch.cuda.current_stream(gen.device))
@@ -145,6 +149,6 @@ class GraphedLoop:
             self.failed[key] = f"{type(e).__name__}: {e}"
             _say(f"aug.cuda_graph: capture failed for latents {key[0]}, eager loop instead ({self.failed[key]})")
             return None
-        cap = _Captured(graph, static[0], sched, static[2], static[3], out)
+        cap = _Captured(graph, static[0], sched, static[2], static[3], static[4], out)
         self.graphs[key] = cap
         return cap

@@ -294,11 +294,25 @@ class SDEditGenerator:
 
     # ------------------------------------------------------------------ edit
 
+    def _step_noises(self, lat: Tensor, per_sample: Schedule, generator: torch.Generator | None) -> Tensor | None:
+        """LCM's re-noise of every loop step but the last, ``[steps, M, C, h, w]`` float32, drawn before the loop
+        (None for the other schedulers, or when no step re-noises). The draws are the ones the loop would make one
+        by one, in the same order; drawn ahead, a CUDA graph of the loop reads them from a static buffer (a graph
+        cannot replay draws from a host generator)."""
+        n = per_sample.t.shape[1] - 1 - per_sample.first_step
+        if self.scheduler.kind != "lcm" or n <= 0:
+            return None
+        dev, dt = self.device, self.dtype
+        return torch.stack([randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
+                            for _ in range(n)])
+
     def _denoise(self, lat: Tensor, per_sample: Schedule, emb: Tensor, tcond: Tensor | None = None,
-                 extra_in: Tensor | None = None, region_lat: Tensor | None = None, z_ref: Tensor | None = None,
-                 noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+                 step_noises: Tensor | None = None, extra_in: Tensor | None = None, region_lat: Tensor | None = None,
+                 z_ref: Tensor | None = None, noise: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
         """The denoising loop over the schedule's steps (float32 latents in and out); what ``aug.cuda_graph``
-        captures once per shape (generator/graphs.py)."""
+        captures once per shape (generator/graphs.py). ``step_noises``: LCM's re-noise per step
+        (:meth:`_step_noises`; drawn here from ``generator`` when None)."""
         dev, dt = self.device, self.dtype
         S = per_sample.t.shape[1]
         history = self.scheduler.new_history(lat)  # multistep solvers: each sample's own previous prediction
@@ -316,7 +330,8 @@ class SDEditGenerator:
                 out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
             step_noise = None
             if self.scheduler.kind == "lcm" and k < S - 1:
-                step_noise = randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float()
+                step_noise = (step_noises[k - per_sample.first_step] if step_noises is not None else
+                              randn_tensor(lat.shape, generator=generator, device=dev, dtype=dt).float())
             new = self.scheduler.step(out, lat, t, t_prev, step_noise, history, active)
             if region_lat is not None and self.inpaint == "blend":
                 # The kept region, as StableDiffusionInpaintPipeline blends it: the reference noised to the next
@@ -412,10 +427,11 @@ class SDEditGenerator:
         if self.timestep_cond is not None:
             tcond = self.timestep_cond.expand(emb.shape[0], -1)
 
+        step_noises = self._step_noises(lat, per_sample, generator)
         if self.graph_loop is not None and extra_in is None and region_lat is None:
-            lat = self.graph_loop(lat, per_sample, emb, tcond)  # aug.cuda_graph: one replay per edit
+            lat = self.graph_loop(lat, per_sample, emb, tcond, step_noises)  # aug.cuda_graph: one replay per edit
         else:
-            lat = self._denoise(lat, per_sample, emb, tcond, extra_in, region_lat, z_ref, noise, generator)
+            lat = self._denoise(lat, per_sample, emb, tcond, step_noises, extra_in, region_lat, z_ref, noise, generator)
 
         img = self._decode(lat.to(dt)).float()
         # NaN/inf guard as a tensor op (no host sync): checked before clamping, which would turn inf into 1.
