@@ -195,8 +195,14 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
             pick = rng.choice(others, size=a.audit_edits, replace=len(others) < a.audit_edits)
             src = images[pick].to(device)
             g = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+            kw = {}
+            if getattr(editor, "mask_mode", "off") != "off":
+                # object-centric edits change only the object (or only the background): the audit asks whether the
+                # generator can draw the class at all, so its edit region is the whole image
+                whole = 1.0 if editor.mask_mode == "foreground" else 0.0
+                kw["masks"] = torch.full((len(pick), 1, *src.shape[-2:]), whole, device=device)
             edited, finite = editor.edit(src, torch.full((len(pick),), strength),
-                                         torch.full((len(pick),), c, dtype=torch.long), generator=g)
+                                         torch.full((len(pick),), c, dtype=torch.long), generator=g, **kw)
             edited = edited.float().cpu()
             if edited.shape[-2:] != images.shape[-2:]:
                 edited = torch.nn.functional.interpolate(edited, size=images.shape[-2:], mode="bilinear",

@@ -162,3 +162,19 @@ def test_a_class_without_training_images_gets_no_edits_and_an_audit_without_two_
     with pytest.raises(ConfigError, match="aug.audit=false"):
         audit_generator(cfg, _Editor("knows", bank, pool), [bank[0], torch.full((1, 3, 8, 8), 1e3)], ["a", "b"],
                         [1, 0], CPU)
+
+
+def test_audit_of_an_object_centric_generator_edits_the_whole_image(digits):
+    cfg, splits, bank, pool = digits
+    seen = []
+
+    class Masked(_Editor):
+        mask_mode = "background"
+
+        def edit(self, images, strengths, targets, generator=None, masks=None):
+            seen.append(masks)
+            return super().edit(images, strengths, targets, generator)
+
+    audit_generator(cfg, Masked("knows", bank, pool), bank, splits.class_names, splits.train.class_counts(), CPU)
+    # background mode edits where the mask is 0: an all-zero mask is the whole image
+    assert seen and all(m is not None and m.shape[1] == 1 and not m.any() for m in seen)
