@@ -4,7 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-run() { local name=$1; shift; "$PY" tools/audit_generator.py --config configs/diff-mix.yaml --out "reports/guard/audit-$name" "$@"; }
+# ONLY=<name> audits one generator; a generator whose audit.json exists is skipped unless FRESH=1
+run() {
+  local name=$1; shift
+  [[ -n "${ONLY:-}" && "$ONLY" != "$name" ]] && return 0
+  [[ -z "${FRESH:-}" && -f "reports/guard/audit-$name/audit.json" ]] && return 0
+  "$PY" tools/audit_generator.py --config configs/diff-mix.yaml --out "reports/guard/audit-$name" "$@"
+}
 run pool-class-named aug.model=models/tiny-sd-digits-pool aug.textual_inversion= aug.lora= "aug.prompt=a photo of the digit {name}"
 run lt-only aug.model=models/tiny-sd-digits-lt100 aug.textual_inversion= aug.lora= "aug.prompt=a photo of the digit {name}"
 run pool-agnostic-no-finetuning aug.model=models/tiny-sd-digits-pool-agnostic aug.textual_inversion= aug.lora= "aug.prompt=a photo"
