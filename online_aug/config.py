@@ -7,6 +7,7 @@ Unknown keys and wrong types fail with a :class:`ConfigError` that names the dot
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ METHODS: tuple[str, ...] = (
     "custom", "baseline", "baseline-randaugment", "baseline-mixup-cutmix", "baseline-drw", "baseline-label-smoothing",
     "baseline-cb", "baseline-cmo", "baseline-upper-bound",
     "real-guidance", "real-gen", "real-mix", "da-fusion", "diff-gen", "diff-aug", "diff-mix", "diff-mix-uniformize",
-    "diff-mix-cutmix", "latent-perturbation", "composition", "real-guidance-leakage-free", "da-fusion-leakage-free",
+    "diff-mix-cutmix", "diff-mix-lcm", "latent-perturbation", "composition", "real-guidance-leakage-free",
+    "da-fusion-leakage-free",
     "object-centric-foreground", "object-centric-background",
 )
 # run.stop_signals may name these (catchable, and what schedulers send: SLURM SIGTERM/SIGUSR1, PBS/LSF SIGXCPU)
@@ -104,6 +106,52 @@ def fp16_needs_cuda(key: str, value: str, on_cpu: bool) -> None:
     a tool picked."""
     if value == "fp16" and on_cpu:
         raise ConfigError(f"{key}=fp16 needs CUDA; use {key}=fp32 or bf16 on CPU")
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One LoRA of ``aug.lora``: a folder or hub id, merged into the UNet at ``weight``; ``key`` names it in errors
+    (``aug.lora`` for the one-string form, ``aug.lora[i]`` for a list's entry)."""
+
+    path: str
+    weight: float
+    key: str = "aug.lora"
+
+
+def lora_entries(value: str | list[str], default_weight: float, key: str = "aug.lora") -> list[LoraEntry]:
+    """Parse ``aug.lora``: a string (one LoRA, or none when empty) or a list, each ``path`` (weight
+    ``default_weight``, aug.lora_scale) or ``path:weight``. A name that is an existing folder is taken whole, colon
+    or not. ConfigError naming the entry for an empty entry, a weight that is not a finite number, or a LoRA listed
+    twice."""
+    items = [value] if isinstance(value, str) else list(value)
+    if isinstance(value, str) and not value.strip():
+        return []
+    out: list[LoraEntry] = []
+    for i, raw in enumerate(items):
+        name = key if isinstance(value, str) else f"{key}[{i}]"
+        text = raw.strip()
+        if not text:
+            raise ConfigError(f"{name} is empty; give a LoRA folder or hub id ('path' or 'path:weight'), or remove "
+                              f"the entry")
+        path, weight = text, default_weight
+        if ":" in text and not Path(text).expanduser().is_dir():
+            path, _, tail = text.rpartition(":")
+            try:
+                weight = float(tail)
+            except ValueError:
+                weight = math.nan
+            if not path or not math.isfinite(weight):
+                raise ConfigError(f"{name}={raw!r}: write a LoRA as 'path' or 'path:weight' with a number after the "
+                                  f"last ':' (e.g. {path or 'models/ft'}:0.5); without one it gets aug.lora_scale")
+        out.append(LoraEntry(path, float(weight), name))
+    seen: dict[Path, str] = {}
+    for e in out:
+        where = Path(e.path).expanduser()
+        if where in seen:
+            raise ConfigError(f"{e.key}={e.path!r} is listed twice in {key} (also {seen[where]}); keep one entry, "
+                              f"with the summed weight")
+        seen[where] = e.key
+    return out
 
 
 @dataclass
@@ -358,9 +406,12 @@ class AugConfig:
     filter_model: str = doc("openai/clip-vit-base-patch32", "CLIP model used by the filter.")
     filter_metaclass: str = doc("digit", "Metaclass used in the filter prompts.")
     textual_inversion: str = doc("", "Folder written by tools/finetune_sd.py with learned class tokens.")
-    lora: str = doc("", "Folder with a UNet LoRA written by tools/finetune_sd.py.")
-    lora_scale: float = doc(1.0, "Strength of aug.lora merged into the UNet (diffusers' lora_scale): below 1 moves the "
-                                 "fine-tuned generator back toward its base model's diversity.", gt=0,
+    lora: str | list[str] = doc("", "UNet LoRA: a folder written by tools/finetune_sd.py (or a diffusers LoRA folder "
+                                    "or hub id), or a list of them stacked as diffusers adapters (set_adapters), each "
+                                    "'path' or 'path:weight', e.g. [models/ft, latent-consistency/lcm-lora-sdv1-5:1.0]"
+                                    "; merged into the UNet.")
+    lora_scale: float = doc(1.0, "Weight of each aug.lora entry without its own ':weight' (diffusers' lora_scale): "
+                                 "below 1 moves the fine-tuned generator back toward its base model's diversity.", gt=0,
                             note="1 = the LoRA as trained")
     finetune_command: str = doc("", "The tools/finetune_sd.py command whose --out is aug.textual_inversion / aug.lora; "
                                     "printed when that folder is missing.")
@@ -416,6 +467,10 @@ class AugConfig:
         "unet", "How a masked edit is made: unet (an SD-inpainting UNet, 9 input channels) or blend (masked SDEdit "
                 "on a plain UNet: the kept region is re-noised from the source at every step).")
 
+    def lora_stack(self) -> list[LoraEntry]:
+        """``aug.lora`` as (path, weight) entries, in order (:func:`lora_entries`); empty for no LoRA."""
+        return lora_entries(self.lora, self.lora_scale)
+
     def validate(self) -> None:
         """This section's keys. Files and folders (aug.model, ...) are checked by generator.preflight."""
         check_bounds(self, "aug")
@@ -448,8 +503,9 @@ class AugConfig:
         if self.prompt_file and not Path(self.prompt_file).is_file():
             raise ConfigError(f"aug.prompt_file={self.prompt_file!r} is not a file; give a text file with one prompt "
                               f"template per line, or leave it empty")
+        loras = self.lora_stack()  # every entry's syntax, before anything is loaded
         if self.finetune_command:
-            _check_finetune_command(self.finetune_command, [self.textual_inversion, self.lora])
+            _check_finetune_command(self.finetune_command, self.textual_inversion, [e.path for e in loras])
         if self.mask_mode != "off" and not self.mask_source.strip():
             raise ConfigError("aug.mask_source is empty; use threshold or a mask folder (or aug.mask_mode=off)")
         if self.strength_range:
@@ -660,8 +716,10 @@ def read_resolved(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- validation
 
 
-def _check_finetune_command(command: str, folders: list[str]) -> None:
-    """aug.finetune_command must be a tools/finetune_sd.py command whose --out is the folder the keys name."""
+def _check_finetune_command(command: str, textual_inversion: str, loras: list[str]) -> None:
+    """aug.finetune_command must be a tools/finetune_sd.py command whose --out is the folder the keys name: the
+    tokens' folder, and the one LoRA, or one of several stacked (the others, such as a public LCM-LoRA, are not made
+    by the command)."""
     import shlex
 
     try:
@@ -670,11 +728,13 @@ def _check_finetune_command(command: str, folders: list[str]) -> None:
         raise ConfigError(f"aug.finetune_command cannot be parsed as a shell command ({e}); quote it properly") from e
     outs = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--out"]
     outs += [w.split("=", 1)[1] for w in words if w.startswith("--out=")]
-    named = [f for f in folders if f]
+    named = [f for f in [textual_inversion, *loras] if f]
     if "tools/finetune_sd.py" not in command or len(outs) != 1:
         raise ConfigError(f"aug.finetune_command={command!r} must run tools/finetune_sd.py with one --out FOLDER "
                           f"(the folder aug.textual_inversion / aug.lora name)")
-    if not named or any(Path(f) != Path(outs[0]) for f in named):
+    out = Path(outs[0])
+    lora_ok = (all(Path(f) == out for f in loras) if len(loras) < 2 else any(Path(f) == out for f in loras))
+    if not named or (textual_inversion and Path(textual_inversion) != out) or not lora_ok:
         raise ConfigError(f"aug.finetune_command writes --out {outs[0]!r} but aug.textual_inversion / aug.lora name "
                           f"{named or 'no folder'}; point them at {outs[0]!r} (or leave aug.finetune_command empty)")
 

@@ -128,7 +128,7 @@ def prepare_batch_source(cfg: Config, splits) -> None:
     if cfg.aug.label_rates:  # build_augmenter reads it again; a bad file fails here, before the bar and the models
         read_label_rates(cfg.aug.label_rates, splits.num_classes)
     # a generator that saw this run's validation or test images would leak them into training
-    check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, cfg.aug.lora], splits)
+    check_generator_folders([cfg.aug.model, cfg.aug.textual_inversion, *(e.path for e in cfg.aug.lora_stack())], splits)
     if cfg.aug.mask_mode != "off":  # object masks travel with their images from the loader on
         attach_masks(splits.train, cfg.aug.mask_source, cfg.aug.mask_threshold, cfg.data.root)
     # aug.edit_source=full: each view's crop/flip travels too; the producer reads the edit source from it

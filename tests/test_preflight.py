@@ -210,7 +210,8 @@ def test_real_finetuned_presets_print_their_command_when_the_folder_is_missing(
     assert f"--out {aug.textual_inversion}" in aug.finetune_command
     assert "--config configs/real/" in aug.finetune_command
     assert ("--recipe diff-mix" if path.stem.startswith("diff-") else "--recipe da-fusion") in aug.finetune_command
-    assert aug.lora == (aug.textual_inversion if path.stem.startswith("diff-") else "")
+    own = [e.path for e in aug.lora_stack()][:1]  # the fine-tuned LoRA comes first; others (an LCM-LoRA) may follow
+    assert own == ([aug.textual_inversion] if path.stem.startswith("diff-") else [])
     assert aug.finetune_command in path.read_text().split("\nrun:")[0]  # the header shows the same command
     monkeypatch.chdir(tmp_path)  # no models/ here: the folder is missing
     with pytest.raises(ConfigError) as e:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..config import ConfigError, load_config, read_resolved
+from ..config import ConfigError, load_config, lora_entries, read_resolved
 from ..faults import guard_interval
 from ..monitor import read_summary
 from .suites import ROOT
@@ -38,28 +38,33 @@ def generator_fingerprint(aug: dict[str, Any]) -> dict[str, str]:
     skipped; a hub id counts as itself. Empty at alpha 0 (no generator)."""
     if not aug.get("alpha"):
         return {}
-    out = {}
-    for key in ("model", "textual_inversion", "lora", "label_rates"):
-        ref = aug.get(key) or ""
-        path = Path(ref).expanduser()
-        if not path.is_absolute():
-            path = ROOT / path
-        if not ref or not path.exists():
-            out[key] = ref
-            continue
-        h = hashlib.sha256()
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
-                                                      if p.is_file() and "checkpoints" not in p.relative_to(path).parts)
-        for f in files:
-            size = f.stat().st_size
-            h.update(f"{f.relative_to(path.parent)}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read())
-        out[key] = h.hexdigest()[:16]
-    return out
+    out = {key: _content_fingerprint(aug.get(key) or "") for key in ("model", "textual_inversion", "label_rates")}
+    lora = aug.get("lora") or ""
+    entries = lora_entries(lora, float(aug.get("lora_scale", 1.0)))
+    # one LoRA: its folder's fingerprint, as before stacks existed; a stack: each one's (the weights are config)
+    out["lora"] = (_content_fingerprint(entries[0].path) if isinstance(lora, str) and entries else
+                   "+".join(_content_fingerprint(e.path) for e in entries))
+    return {key: out[key] for key in ("model", "textual_inversion", "lora", "label_rates")}
+
+
+def _content_fingerprint(ref: str) -> str:
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = ROOT / path
+    if not ref or not path.exists():
+        return ref
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                  if p.is_file() and "checkpoints" not in p.relative_to(path).parts)
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path.parent)}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def run_dirs(runs: Path, name: str) -> set[Path]:

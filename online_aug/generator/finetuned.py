@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from online_aug.config import ConfigError
+from online_aug.config import ConfigError, LoraEntry
+from online_aug.generator.preflight import local_folder
 
 # The prompt rules used to live here; tests/test_presets.py still imports render_prompt from this module.
 from online_aug.generator.prompts import render_prompt as render_prompt
@@ -303,9 +304,38 @@ def check_lora_state_dict(state_dict: dict[str, Tensor], unet: torch.nn.Module, 
     return max(ranks)
 
 
+def read_lora(name: str, unet: torch.nn.Module, key: str = "aug.lora") -> tuple[dict[str, Tensor], Any, Any, int]:
+    """``pytorch_lora_weights.safetensors`` of a folder or hub id, as ``pipe.load_lora_weights`` reads it, checked
+    against ``unet`` (:func:`check_lora_state_dict`): (state dict, network alphas, metadata, rank)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    from online_aug.generator.hub import pretrained_source
+
+    folder, src = Path(name).expanduser(), None
+    if folder.is_dir():
+        path, source, kw = folder / LORA_FILE, str(folder), {"local_files_only": True}
+        if not path.is_file():
+            raise ConfigError(f"{key}: {path} is missing; run tools/finetune_sd.py --lora-rank R with this --out, "
+                              f"or leave {key} empty")
+    else:  # a hub id (a path-like name that is no folder is a ConfigError here)
+        src = pretrained_source(key, name, "point it at a folder holding pytorch_lora_weights.safetensors or a hub "
+                                           "id such as latent-consistency/lcm-lora-sdv1-5")
+        path, source, kw = Path(src.path) / LORA_FILE, src.path, src.kwargs
+    try:
+        state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            source, weight_name=LORA_FILE, return_lora_metadata=True, **kw)
+    except Exception as e:  # chained: a corrupt file keeps its original traceback
+        if src is not None:
+            raise src.error("LoRA", e) from e
+        raise ConfigError(f"{key}: {path} cannot be read as a diffusers LoRA ({type(e).__name__}: {e})") from e
+    rank = check_lora_state_dict(state_dict, unet, path, key)
+    return state_dict, alphas, metadata, rank
+
+
 def apply_lora(unet: torch.nn.Module, folder: str | Path, key: str = "aug.lora", fuse: bool = True,
                scale: float = 1.0) -> int:
-    """Load ``folder/pytorch_lora_weights.safetensors`` into ``unet`` the way ``pipe.load_lora_weights`` does.
+    """Load ``folder/pytorch_lora_weights.safetensors`` (or a hub id's) into ``unet`` the way
+    ``pipe.load_lora_weights`` does.
 
     With ``fuse`` the update, times ``scale`` (diffusers' ``lora_scale``), is merged into the base weights and the
     PEFT layers are removed: the online loop then runs a plain UNet (no per-step LoRA matmuls, nothing in the way of
@@ -313,16 +343,7 @@ def apply_lora(unet: torch.nn.Module, folder: str | Path, key: str = "aug.lora",
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    path = Path(folder).expanduser() / LORA_FILE
-    if not path.is_file():
-        raise ConfigError(f"{key}: {path} is missing; run tools/finetune_sd.py --lora-rank R with this --out, "
-                          f"or leave {key} empty")
-    try:
-        state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            str(path.parent), weight_name=LORA_FILE, return_lora_metadata=True, local_files_only=True)
-    except Exception as e:  # chained: a corrupt file keeps its original traceback
-        raise ConfigError(f"{key}: {path} cannot be read as a diffusers LoRA ({type(e).__name__}: {e})") from e
-    rank = check_lora_state_dict(state_dict, unet, path, key)
+    state_dict, alphas, metadata, rank = read_lora(str(folder), unet, key)
     params = list(unet.parameters())
     frozen = not any(p.requires_grad for p in params)
     StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name="online_aug",
@@ -335,42 +356,75 @@ def apply_lora(unet: torch.nn.Module, folder: str | Path, key: str = "aug.lora",
     return rank
 
 
+def apply_lora_stack(unet: torch.nn.Module, entries: list[LoraEntry]) -> list[int]:
+    """Merge every LoRA of ``entries`` (``aug.lora``) into ``unet`` at its weight; returns their ranks.
+
+    One entry is :func:`apply_lora` at its weight. Several are diffusers' adapters: each loaded under its own name
+    (``load_lora_weights(..., adapter_name=...)``), weighted with ``set_adapters(names, adapter_weights)`` and fused
+    together, the sum of the weighted updates merged into the base weights (what the unfused pipeline computes, up
+    to float rounding). Every LoRA is read and checked against the UNet before any is loaded.
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    if len(entries) == 1:  # exactly the one-LoRA path (today's numbers, bit for bit)
+        return [apply_lora(unet, entries[0].path, key=entries[0].key, scale=entries[0].weight)]
+    loaded = [read_lora(e.path, unet, e.key) for e in entries]
+    frozen = not any(p.requires_grad for p in unet.parameters())
+    names = [f"online_aug_{i}" for i in range(len(entries))]
+    with warnings.catch_warnings():  # PEFT warns that a second adapter joins the first: here that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for name, (state_dict, alphas, metadata, _) in zip(names, loaded, strict=True):
+            StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name=name,
+                                                               metadata=metadata)
+    unet.set_adapters(names, [e.weight for e in entries])
+    unet.fuse_lora(lora_scale=1.0, adapter_names=names)
+    unet.unload_lora()
+    if frozen:
+        unet.requires_grad_(False)
+    return [rank for *_, rank in loaded]
+
+
 # ---------------------------------------------------------------- the generator's entry point
 
 
 def apply_finetuned(components: SDComponents, aug: AugConfig, num_classes: int) -> list[str] | None:
-    """Apply ``aug.textual_inversion`` and ``aug.lora`` to ``components`` in place.
+    """Apply ``aug.textual_inversion`` and ``aug.lora`` (one LoRA or a stack, :meth:`AugConfig.lora_stack`) to
+    ``components`` in place.
 
-    Both folders are checked against the base model before anything is changed. Returns the learned token of each
+    Every folder is checked against the base model before anything is changed (the tokens' and each LoRA's
+    manifest, where it has one; every LoRA's tensors against the UNet's modules). Returns the learned token of each
     class as prompts hold it (:func:`token_phrase`: several words for a multi-vector token), or None when
     ``aug.textual_inversion`` is empty.
     """
-    if not aug.textual_inversion and not aug.lora:
+    loras = aug.lora_stack()
+    if not aug.textual_inversion and not loras:
         return None
     identity = base_identity(components)
     ti_manifest = None
     if aug.textual_inversion:
         ti_manifest = read_manifest(aug.textual_inversion, "aug.textual_inversion")
         check_base(ti_manifest, components, Path(aug.textual_inversion) / MANIFEST, "aug.textual_inversion", identity)
-    if aug.lora:
-        lora_manifest = Path(aug.lora).expanduser() / MANIFEST
-        if lora_manifest.is_file():  # a plain diffusers LoRA folder has none: the key/shape check still applies
-            check_base(read_manifest(aug.lora, "aug.lora"), components, lora_manifest, "aug.lora", identity)
-        elif not Path(aug.lora).expanduser().is_dir():
-            raise ConfigError(f"aug.lora={aug.lora!r}: no such folder; point it at a folder written by "
-                              f"tools/finetune_sd.py --lora-rank R (or leave it empty)")
+    for e in loras:
+        folder = Path(e.path).expanduser()
+        if (folder / MANIFEST).is_file():  # a plain diffusers LoRA folder has none: the key/shape check still applies
+            check_base(read_manifest(e.path, e.key), components, folder / MANIFEST, e.key, identity)
+        elif not folder.is_dir() and local_folder(e.path) is not None:
+            raise ConfigError(f"{e.key}={e.path!r}: no such folder; point it at a folder written by "
+                              f"tools/finetune_sd.py --lora-rank R, a diffusers LoRA folder or hub id (or leave "
+                              f"aug.lora empty)")
     tokens = None
     if ti_manifest is not None:
         tokens, words, embeds = load_learned_embeddings(aug.textual_inversion, num_classes, manifest=ti_manifest)
         add_tokens(components.tokenizer, components.text_encoder, words, embeds,
                    source=f"aug.textual_inversion={aug.textual_inversion!r}")
-        if ti_manifest.get("lora") and not aug.lora:
-            warnings.warn(f"the tokens in {aug.textual_inversion} were learned jointly with a LoRA, but aug.lora is "
-                          f"empty: set aug.lora={aug.textual_inversion} to use them as trained", stacklevel=2)
+        ti_folder = Path(aug.textual_inversion).expanduser()
+        if ti_manifest.get("lora") and not any(Path(e.path).expanduser() == ti_folder for e in loras):
+            warnings.warn(f"the tokens in {aug.textual_inversion} were learned jointly with a LoRA, but aug.lora does "
+                          f"not load it: add {aug.textual_inversion} to aug.lora to use them as trained", stacklevel=2)
         trained = ti_manifest.get("template")
         if trained is not None and trained != aug.prompt:
             warnings.warn(f"aug.prompt={aug.prompt!r} differs from the template the tokens were learned with "
                           f"({trained!r}, in {Path(aug.textual_inversion) / MANIFEST})", stacklevel=2)
-    if aug.lora:
-        apply_lora(components.unet, aug.lora, scale=aug.lora_scale)
+    if loras:
+        apply_lora_stack(components.unet, loras)
     return tokens

@@ -11,6 +11,7 @@ id that cannot be downloaded, tokens or a LoRA learned on another base model) st
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,9 @@ def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
     Checks ``aug.class_names`` against ``num_classes``; the prompt templates (placeholders, and a class named in
     each where no learned token tells the classes apart); a local ``aug.model`` folder (its subfolders, and
     ``aug.resolution`` against its UNet and VAE configs); the ``aug.textual_inversion`` and ``aug.lora`` folders
-    written by tools/finetune_sd.py (a missing one prints ``aug.finetune_command``, the command that makes it); and
-    ``aug.taesd`` / ``aug.filter_model`` (with ``aug.filter_fraction`` > 0)
-    when they name a local folder. A hub id is left to the loader.
+    (every LoRA of a stack that names a folder) written by tools/finetune_sd.py (a missing one prints
+    ``aug.finetune_command``, the command that makes it); and ``aug.taesd`` / ``aug.filter_model`` (with
+    ``aug.filter_fraction`` > 0) when they name a local folder. A hub id is left to the loader.
     """
     if aug.alpha <= 0:
         return
@@ -44,15 +45,15 @@ def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
     for key, template in prompt_templates(aug):
         check_prompt_template(template, key, with_tokens=bool(aug.textual_inversion))
     check_prompts_name_classes(aug)
-    model_dir = _local_folder(aug.model)
+    model_dir = local_folder(aug.model)
     if model_dir is not None:
         configs = _check_sd_folder(aug.model, model_dir)
         check_unet_class(configs[0], aug.model)
         _check_resolution(aug, configs)
     if aug.textual_inversion:
         _check_textual_inversion(aug.textual_inversion, num_classes, aug.finetune_command)
-    if aug.lora:
-        _check_lora(aug.lora, aug.finetune_command)
+    for entry in aug.lora_stack():
+        _check_lora(entry.path, entry.key, aug.finetune_command)
     if aug.taesd:
         _check_model_folder("aug.taesd", aug.taesd, "an AutoencoderTiny folder or hub id (e.g. madebyollin/taesd), "
                                                     "or leave it empty to use the SD VAE")
@@ -62,7 +63,7 @@ def check_generator_inputs(aug: AugConfig, num_classes: int) -> None:
                                                                   "aug.filter_fraction=0")
 
 
-def _local_folder(name: str) -> Path | None:
+def local_folder(name: str) -> Path | None:
     """The folder ``name`` means, or None for a Hugging Face hub id.
 
     A folder is a name that exists as one, that can only be a path (``hub.looks_like_path``: ``./x``, ``a/b/c``),
@@ -174,9 +175,17 @@ def _check_textual_inversion(name: str, num_classes: int, command: str = "") -> 
                               f"re-run tools/finetune_sd.py")
 
 
-def _check_lora(name: str, command: str = "") -> None:
-    """A folder with the LoRA weights; its manifest is optional (a plain diffusers LoRA folder has none)."""
-    key = "aug.lora"
+def _check_lora(name: str, key: str = "aug.lora", command: str = "") -> None:
+    """A folder with the LoRA weights; its manifest is optional (a plain diffusers LoRA folder has none). A hub id
+    (e.g. latent-consistency/lcm-lora-sdv1-5) is left to the loader; ``command`` is printed for the folder it makes
+    only."""
+    try:
+        makes = any(Path(w.removeprefix("--out=")) == Path(name) for w in shlex.split(command))
+    except ValueError:  # config.validate words an unparsable aug.finetune_command
+        makes = False
+    if local_folder(name) is None and not makes:
+        return
+    command = command if makes else ""
     folder = _finetuned_folder(key, name, command)
     if (folder / MANIFEST).is_file():
         _read_manifest(key, name, folder, command)
@@ -187,7 +196,7 @@ def _check_lora(name: str, command: str = "") -> None:
 
 def _check_model_folder(key: str, name: str, what: str) -> None:
     """A transformers/diffusers model named by a local folder must exist and hold its config.json."""
-    folder = _local_folder(name)
+    folder = local_folder(name)
     if folder is None:
         return
     if not folder.is_dir():
