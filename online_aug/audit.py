@@ -18,8 +18,8 @@ user has — the training split and the generator itself (no benchmark pool):
 - **copies** (``copy_share``): the share of those edits closer than ``aug.audit_copy_dist`` to a training image of c.
 
 A class *can be helped* when its edits land on it (lift >= ``aug.guard_min_target_rate``), vary (spread >=
-``aug.guard_min_spread``) and are not copies (copy share <= ``aug.guard_max_copy``). With ``aug.guard=on`` the policy
-draws targets only among those classes (and intra-class edits only of them); when no class can be helped, the run
+``aug.guard_min_spread``) and are not copies (copy share <= ``aug.guard_max_copy``). With ``aug.guard=on`` an edit
+toward any other class stays a real row (the baseline's; policy.AugPolicy); when no class can be helped, the run
 says so and trains on real images only, without keeping the generator (exactly the baseline's batches).
 ``aug.guard=off`` edits as configured and warns when the verdict is bad; ``aug.audit=false`` skips the measurement.
 The audit never touches the run's random streams, so ``aug.guard=off`` trains exactly as before the guard existed.

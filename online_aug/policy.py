@@ -192,10 +192,6 @@ class AugPolicy:
         self.num_classes = num_classes
         self.num_templates = int(num_templates)
         self.target_p = torch.as_tensor(target_distribution(cfg, class_counts, num_classes), dtype=torch.float64)
-        if self.allowed is not None:  # the guard: targets only among the classes the generator can help
-            p = self.target_p * self.allowed
-            # uniformize gives no synthetic share to head classes: if only those are allowed, spread over them
-            self.target_p = p / p.sum() if p.sum() > 0 else self.allowed.double() / self.allowed.sum().clamp(min=1)
         self.strength_set = torch.tensor(cfg.strengths, dtype=torch.float32)
         # aug.source_weight=frequency: a source is drawn with weight n_c (its class's training count; 1 if unknown)
         counts = class_counts if class_counts is not None else [1] * num_classes
@@ -237,8 +233,9 @@ class AugPolicy:
         else:
             target = torch.multinomial(self.target_p, m, replacement=True, generator=rng)
         if self.allowed is not None and m:
-            # intra-class edits of a class the generator cannot help, and closed-loop targets whose floor share put
-            # them outside the allowed classes, stay real rows
+            # an edit toward a class the generator cannot help stays a real row (the baseline's), and the allowed
+            # classes get exactly the edits they would get unguarded: the targets are not renormalised over them,
+            # which would pour all of alpha into a few classes and tilt the class prior the classifier learns
             keep = self.allowed[target]
             index, strength, source, target = index[keep], strength[keep], source[keep], target[keep]
             m = index.numel()

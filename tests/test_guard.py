@@ -83,9 +83,14 @@ def test_guarded_policy_draws_targets_only_among_allowed_classes() -> None:
     labels = torch.randint(5, (4096,), generator=torch.Generator().manual_seed(0))
     allowed = torch.tensor([False, True, False, True, False])
     plan = AugPolicy(cfg, 5, counts, allowed=allowed).plan(labels, torch.Generator().manual_seed(1))
-    assert plan.num_edits > 1500 and set(plan.target.tolist()) == {1, 3}
-    rows = plan.soft_label[plan.index]
-    assert torch.allclose(rows.sum(1), torch.ones(len(rows)))
+    free = AugPolicy(cfg, 5, counts).plan(labels, torch.Generator().manual_seed(1))
+    assert set(plan.target.tolist()) == {1, 3}
+    # exactly the unguarded plan's edits toward the allowed classes; the others stay real rows (one-hot)
+    keep = allowed[free.target]
+    assert torch.equal(plan.index, free.index[keep]) and torch.equal(plan.strength, free.strength[keep])
+    assert torch.equal(plan.soft_label[plan.index], free.soft_label[free.index[keep]])
+    dropped = free.index[~keep]
+    assert torch.equal(plan.soft_label[dropped], torch.nn.functional.one_hot(labels[dropped], 5).float())
     # all allowed (or no guard): exactly the unguarded plan, bit for bit
     every = torch.ones(5, dtype=torch.bool)
     a = AugPolicy(cfg, 5, counts, allowed=every).plan(labels, torch.Generator().manual_seed(1))
