@@ -69,6 +69,8 @@ class Audit:
     real_spread: float
     seconds: float
     thresholds: dict[str, float] = field(default_factory=dict)
+    partial_share: float = 1.0  # share of the target distribution the allowed classes hold (set by the guard)
+    baseline: bool = False  # the guard trains on real images only (no class, or too small a share, can be helped)
 
     @property
     def allowed(self) -> torch.Tensor:
@@ -84,6 +86,10 @@ class Audit:
                          f"{c.copy_share:>8.2f}  "
                          f"{verdict}")
         return "\n".join(lines)
+
+    def share(self, target_p: torch.Tensor) -> float:
+        """The share of the policy's target distribution (intra-class methods: uniform) the allowed classes hold."""
+        return float(target_p.double()[self.allowed].sum() / target_p.double().sum().clamp(min=1e-12))
 
     def summary(self) -> str:
         on = [c.name for c in self.classes if c.helps]
@@ -236,3 +242,12 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
     thresholds = {"min_target_rate": a.guard_min_target_rate, "min_spread": a.guard_min_spread,
                   "max_copy": a.guard_max_copy, "copy_dist": a.audit_copy_dist}
     return Audit(verdicts, judge.name, a.audit_edits, strength, real_spread, time.perf_counter() - t0, thresholds)
+
+
+def guard_decides_baseline(audit: Audit, target_p: torch.Tensor, min_share: float) -> bool:
+    """``aug.guard=on``: train as the baseline (no edits, no generator) when no class can be helped, or when the
+    classes that can hold less than ``min_share`` of the target distribution ``target_p``. Records the share and the
+    decision on ``audit``."""
+    audit.partial_share = audit.share(target_p)
+    audit.baseline = not bool(audit.allowed.any()) or audit.partial_share < min_share
+    return audit.baseline

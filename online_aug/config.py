@@ -448,6 +448,10 @@ class AugConfig:
                                         "class's spread (below: one image repeated).", ge=0)
     guard_max_copy: float = doc(0.5, "Guard: at most this share of a class's audit edits may be copies of its "
                                      "training images.", ge=0, le=1)
+    guard_min_share: float = doc(1.0, "Guard: the classes the generator can help must hold at least this share of "
+                                      "the policy's target distribution, else no edits at all (partial edits tilt "
+                                      "the class prior away from the classes left out); 1: all or nothing.",
+                                 ge=0, le=1)
     reuse: int = doc(1, "Reuse factor k: each edit is used in k consecutive steps (an in-memory ring, ~1/k of the "
                         "generator work; DA-Fusion's M); 1: every edit fresh.", ge=1,
                      note="times each edit is used; 1: all fresh")

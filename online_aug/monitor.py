@@ -207,7 +207,8 @@ class Monitor(NullMonitor):
         and per class ``aug/guard/on/<class>`` (1: edits go toward it), ``aug/guard/target_rate/<class>``,
         ``aug/guard/spread/<class>``, with ``aug/guard/classes_on``."""
         audit.write(self.run_dir)
-        values = {"aug/guard/classes_on": float(audit.allowed.sum())}
+        values = {"aug/guard/classes_on": float(audit.allowed.sum()), "aug/guard/share": audit.partial_share,
+                  "aug/guard/baseline": float(audit.baseline)}
         for c in audit.classes:
             values[f"aug/guard/on/{c.name}"] = float(c.helps)
             values[f"aug/guard/target_rate/{c.name}"] = c.target_rate

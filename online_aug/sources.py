@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import streams
+from .audit import guard_decides_baseline
 from .augment import build_augmenter
 from .batches import Batch, loader_extras, one_hot_on, real_batch, real_loader
 from .class_stats import SnapshotBoard
@@ -161,8 +162,13 @@ def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, wor
     if cfg.aug.alpha > 0:
         augmenter = build_augmenter(cfg, splits, device, rank, accum, board)
         audit = augmenter.audit
-        if cfg.aug.guard == "on" and audit is not None and not bool(audit.allowed.any()):
-            augmenter = None  # nothing to help: the baseline's real batches, and the generator is not kept
+        if cfg.aug.guard == "on" and audit is not None:
+            target_p = (torch.ones(splits.num_classes) if cfg.aug.target_mode == "intra"
+                        else augmenter.policy.target_p)
+            if guard_decides_baseline(audit, target_p, cfg.aug.guard_min_share):
+                # nothing to help, or too little: edits toward only some classes shift the class prior away from
+                # the others (measured: docs/guard.md). The baseline's real batches; the generator is not kept
+                augmenter = None
     if augmenter is None:
         source = RealSource(loader, device, splits.num_classes, start)
     else:

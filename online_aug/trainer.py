@@ -190,11 +190,18 @@ class Trainer:
         elif on == 0:
             verdict = (f"\nguard: THE GENERATOR CANNOT HELP THIS DATA SET: training on real images only (the "
                        f"baseline's batches; the generator is not kept); see {where}")
+        elif audit.baseline:
+            verdict = (f"\nguard: THE GENERATOR CAN HELP ONLY {on} OF {n} CLASSES ({audit.partial_share:.0%} of the "
+                       f"target distribution < aug.guard_min_share={self.cfg.aug.guard_min_share:g}): edits toward "
+                       f"those alone would tilt the class prior away from the rest, so the run trains on real images "
+                       f"only (the baseline's batches; the generator is not kept); see {where}")
         else:
             verdict = f"\nguard: {audit.summary()}; see {where}"
         self.monitor.print(f"generator audit ({audit.judge}; {audit.edits_per_class} edits per class at "
                            f"s={audit.strength:g}, {audit.seconds:.1f} s):\n{audit.table()}{verdict}")
-        self.guard_note = f"guard: {audit.summary()}" if self.cfg.aug.guard == "on" else ""
+        self.guard_note = ("" if self.cfg.aug.guard != "on" else
+                           "guard: no edits (trained as the baseline)" if on == 0 or audit.baseline else
+                           f"guard: {audit.summary()}")
 
     # ------------------------------------------------------------------ loop
 

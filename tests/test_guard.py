@@ -183,3 +183,18 @@ def test_audit_of_an_object_centric_generator_edits_the_whole_image(digits):
     audit_generator(cfg, Masked("knows", bank, pool), bank, splits.class_names, splits.train.class_counts(), CPU)
     # background mode edits where the mask is 0: an all-zero mask is the whole image
     assert seen and all(m is not None and m.shape[1] == 1 and not m.any() for m in seen)
+
+
+def test_the_guard_trains_the_baseline_when_the_helped_classes_hold_too_little_of_the_targets(digits):
+    from online_aug.audit import guard_decides_baseline
+
+    cfg, splits, bank, pool = digits
+    audit = audit_generator(cfg, _Editor("knows", bank, pool), bank, splits.class_names,
+                            splits.train.class_counts(), CPU)
+    for c in audit.classes[:3]:  # three classes it cannot help
+        c.helps = False
+    uniform = torch.full((10,), 0.1)
+    assert guard_decides_baseline(audit, uniform, 1.0) and audit.partial_share == pytest.approx(0.7)
+    assert not guard_decides_baseline(audit, uniform, 0.6) and not audit.baseline
+    tail = torch.tensor([0.5, 0.5] + [0.0] * 8)  # a rebalancing target distribution on the first two classes
+    assert guard_decides_baseline(audit, tail, 0.1) and audit.partial_share == 0.0
