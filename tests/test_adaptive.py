@@ -250,7 +250,7 @@ def test_resume_continues_the_closed_loop_bit_for_bit(tmp_path: Path, clean_env:
     sd = save_tiny_sd(tmp_path / "sd")
     common = ["--config", "configs/baseline.yaml", "data.image_size=16", "train.batch_size=16",
               "model.name=test_resnet", "train.eval_every=4", "train.log_every=1", "aug.alpha=0.5",
-              f"aug.model={sd}", "aug.steps=1",
+              f"aug.model={sd}", "aug.steps=1", "aug.guard=off", "aug.audit=false",  # a random SD: no verdict
               "aug.image_every=0", "aug.adaptive=true", "aug.adaptive_every=2", "aug.adaptive_strength=0.5",
               "aug.strengths=[0.5,0.9]", "aug.target_mode=inter", "aug.queue_depth=1"]
     _train([*common, "run.name=straight", f"run.out_dir={tmp_path / 'a'}", "train.steps=8"], clean_env)

@@ -22,7 +22,8 @@ def test_augmented_run_writes_aug_tags_and_grid(tmp_path):
     out = tmp_path / "runs"
     cmd = [sys.executable, "train.py", "--config", "configs/baseline.yaml", "run.name=aug", f"run.out_dir={out}",
            "train.steps=4", "train.eval_every=4", "train.log_every=2", "train.batch_size=16", "data.image_size=16",
-           "aug.alpha=0.5", f"aug.model={sd}", "aug.image_every=2", "aug.steps=2", "aug.queue_depth=2"]
+           "aug.alpha=0.5", f"aug.model={sd}", "aug.image_every=2", "aug.steps=2", "aug.queue_depth=2",
+           "aug.guard=off", "aug.audit=false"]  # a random tiny SD: the guard would turn every edit off
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = out.glob("*-aug")

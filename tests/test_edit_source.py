@@ -16,9 +16,9 @@ from tiny_sd import save_tiny_sd
 from online_aug.augment import Augmenter
 from online_aug.config import AugConfig, ConfigError, load_config
 from online_aug.data import EditSourceReader, build_splits
+from online_aug.data.transforms import build_train_transform as train_transform
 from online_aug.policy import AugPolicy
 from online_aug.sources import build_batch_source
-from online_aug.data.transforms import build_train_transform as train_transform
 
 CPU = torch.device("cpu")
 VIEW, GEN = 16, 32  # the classifier's view and the tiny SD's native resolution
@@ -158,7 +158,7 @@ def test_real_generator_through_the_loader_and_prefetch_and_resume_is_exact(phot
     batch), and a source restarted at step 2 gives the batches the uninterrupted one gave."""
     sd = save_tiny_sd(tmp_path / "sd", sample_size=GEN)
     cfg = _cfg(photos, "aug.alpha=0.5", f"aug.model={sd}", "aug.steps=2", "aug.strengths=[0.7]",
-               "aug.prompt=a photo of a {name}")
+               "aug.prompt=a photo of a {name}", "aug.guard=off", "aug.audit=false")  # a random SD
     splits = build_splits(cfg.data, train_transform(cfg))
     splits.train.edit_source = cfg.full_res_edit_source()
     read = []

@@ -23,7 +23,7 @@ SUITES = CONFIGS / "suites"
 
 DEFAULT_PRESETS = ["baseline", "real-guidance", "real-gen", "diff-mix", "diff-mix-uniformize"]
 DEFAULT_TITLE = "Digits long-tail"
-QUICK_OVERRIDES = ["train.batch_size=8", "data.image_size=16", "aug.steps=1", "aug.image_every=0",
+QUICK_OVERRIDES = ["train.batch_size=8", "data.image_size=16", "aug.steps=1", "aug.image_every=0", "aug.audit_edits=2",
                    "aug.queue_depth=1", "train.log_every=1"]
 
 
