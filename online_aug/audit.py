@@ -178,8 +178,7 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
     a = cfg.aug
     t0 = time.perf_counter()
     num_classes = len(bank)
-    # a class without training images has a placeholder in the bank (augment.guard_bank): nothing to judge it by
-    present = [len(x) > 0 and float(x.max()) <= 1.0 for x in bank]
+    present = [int(n) > 0 for n in class_counts]  # a class without training images: nothing to judge it by
     if sum(present) < 2:
         raise ConfigError("the generator audit needs training images of at least 2 classes to judge its edits by; "
                           "set aug.audit=false and aug.guard=off to edit without it")

@@ -717,6 +717,12 @@ def read_resolved(path: str | Path) -> dict[str, Any]:
     return dict(data.get(RESOLVED) or {}) if isinstance(data, dict) else {}
 
 
+def planned_steps(path: str | Path, cfg: Config) -> int:
+    """The optimizer steps the run whose config.yaml is ``path`` (loaded as ``cfg``) planned: the ``resolved:``
+    record, or ``train.steps`` for a run written before the record existed (the count was written there then)."""
+    return int(read_resolved(path).get("train_steps", cfg.train.steps))
+
+
 # ---------------------------------------------------------------- validation
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CKPT, final_tag
-from .config import Config, ConfigError, DataConfig, ModelConfig, load_config, read_resolved
+from .config import Config, ConfigError, DataConfig, ModelConfig, load_config, planned_steps
 
 
 def find_checkpoint(run_dir: Path, cfg: Config, tag: str | None = None) -> tuple[Path, str]:
@@ -138,7 +138,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     size = (3, cfg.data.image_size, cfg.data.image_size)
     data_config = {"input_size": size, "mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0,
                    "crop_mode": "squash", "interpolation": "bilinear"}
-    final = _final_row(run_dir, read_resolved(run_dir / "config.yaml").get("train_steps", cfg.train.steps))
+    final = _final_row(run_dir, planned_steps(run_dir / "config.yaml", cfg))
     provenance = {"run_dir": str(run_dir.resolve()), "checkpoint_tag": tag, "step": step,
                   "select": cfg.train.select, "eval_split": cfg.train.eval_split,
                   "metrics": {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_")}}

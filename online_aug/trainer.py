@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from . import checkpoint, faults, streams
 from .batches import Batch, reduce_stats
-from .config import Config, ConfigError, load_config, read_resolved, save_config
+from .config import Config, ConfigError, load_config, planned_steps, save_config
 from .data import Splits, build_splits
 from .data.transforms import build_train_transform
 from .devices import DTYPES
@@ -92,7 +92,7 @@ class Trainer:
         saved_path = run_dir / "config.yaml"
         if saved_path.is_file():
             saved = load_config(saved_path)
-            saved_steps = int(read_resolved(saved_path).get("train_steps", saved.train.steps))
+            saved_steps = planned_steps(saved_path, saved)
             self.extend_note = checkpoint.check_resume(saved.to_dict(), cfg.to_dict(), saved_steps, self.steps,
                                                        checkpoint.tag_step(ckpt_dir, tag))
         self.run_dir = run_dir

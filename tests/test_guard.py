@@ -160,8 +160,9 @@ def test_a_class_without_training_images_gets_no_edits_and_an_audit_without_two_
     cfg, splits, bank, pool = digits
     holed = list(bank)
     holed[3] = torch.full((1, 3, 8, 8), 1e3)  # what guard_bank holds for a class with no training image
-    audit = audit_generator(cfg, _Editor("knows", bank, pool), holed, splits.class_names,
-                            splits.train.class_counts(), CPU)
+    counts = list(splits.train.class_counts())
+    counts[3] = 0
+    audit = audit_generator(cfg, _Editor("knows", bank, pool), holed, splits.class_names, counts, CPU)
     assert not audit.allowed[3] and "no training image" in audit.classes[3].why
     assert audit.allowed.sum() >= 7
     with pytest.raises(ConfigError, match="aug.audit=false"):

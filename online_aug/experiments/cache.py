@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..config import ConfigError, load_config, lora_entries, read_resolved
+from ..config import ConfigError, load_config, lora_entries, planned_steps
 from ..faults import guard_interval
 from ..monitor import read_summary
 from .suites import ROOT
@@ -98,7 +98,7 @@ def saved_config(run: Path) -> tuple[dict[str, Any], int] | None:
         cfg = load_config(path)
     except (ConfigError, OSError, yaml.YAMLError):  # another version's keys, or unreadable: not reused
         return None
-    return dataclasses.asdict(cfg), int(read_resolved(path).get("train_steps", cfg.train.steps))
+    return dataclasses.asdict(cfg), planned_steps(path, cfg)
 
 
 def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
