@@ -535,6 +535,46 @@ class AugConfig:
                               "(or set aug.alpha=0)")
 
 
+
+@dataclass
+class SSLConfig:
+    """Semi-supervised rows (docs/ssl.md): images without a trusted class, labelled by an EMA teacher (FixMatch with
+    FlexMatch thresholds and ReMixMatch distribution alignment)."""
+
+    source: Literal["off", "pool", "generator"] = doc(
+        "off", "Unlabelled rows: off; pool = the generator pool's real images, labels dropped (the ceiling); "
+               "generator = aug.model's images (SDEdit of training images at ssl.strengths, or from noise with "
+               "aug.gen_from_noise at strength 1), the target class drawn at random and its label dropped.")
+    mu: int = doc(1, "Unlabelled rows per labelled row of a micro-batch (FixMatch's mu).", ge=1)
+    weight: float = doc(1.0, "lambda_u: weight of the unlabelled loss beside the labelled one.", ge=0)
+    threshold: float = doc(0.95, "tau: a pseudo-label trains only above this teacher confidence (FlexMatch: the "
+                                 "top of the per-class thresholds).", ge=0, lt=1)
+    thresholds: Literal["fixed", "flexmatch"] = doc(
+        "flexmatch", "fixed: tau for every class; flexmatch: T_c = tau * b_c / (2 - b_c), b_c the class's share "
+                     "of confident pseudo-labels (EMA counts, FlexMatch's warm-up: the unconfident count too).")
+    dist_align: bool = doc(True, "ReMixMatch distribution alignment: p <- normalize(p * target / running mean(p)) "
+                                 "before the threshold, so the tail is not starved.")
+    align_target: Literal["uniform", "labelled"] = doc(
+        "uniform", "Class marginal distribution alignment aims at: uniform, or the labelled split's class prior.")
+    stats_ema: float = doc(0.99, "EMA decay, per micro-batch, of the running mean of p and the confident counts.",
+                           ge=0, lt=1)
+    teacher_decay: float = doc(0.99, "Teacher: EMA decay of the classifier's weights, per optimizer step (timm "
+                                     "ModelEmaV3, kept in fp32).", ge=0, lt=1)
+    teacher_warmup: bool = doc(True, "Teacher decay warm-up (timm): min(teacher_decay, 1 - (1 + step)^(-2/3)).")
+    strong: str = doc("rand-m9-n2-mstd0.5", "timm RandAugment spec of the student's strong view (the weak view is "
+                                            "the image as made).")
+    strengths: list[float] = doc([1.0], "source=generator: SDEdit strengths drawn per unlabelled image (1 with "
+                                        "aug.gen_from_noise: from noise).", gt=0, le=1)
+
+    def validate(self) -> None:
+        check_bounds(self, "ssl")
+        if self.source != "off" and not self.strong.startswith("rand"):
+            raise ConfigError(f"ssl.strong={self.strong!r} is not a timm RandAugment spec; use e.g. "
+                              f"rand-m9-n2-mstd0.5")
+        if self.source == "generator" and not self.strengths:
+            raise ConfigError("ssl.strengths is empty; give the SDEdit strengths of the unlabelled images (e.g. [1.0])")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -542,6 +582,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -565,6 +606,7 @@ class Config:
         self.model.validate()
         self.train.validate(world_size)
         self.aug.validate()
+        self.ssl.validate()
         self.check_across_sections(cuda_available)
 
     def check_across_sections(self, cuda_available: bool | None = None) -> None:
@@ -592,12 +634,31 @@ class Config:
                 raise ConfigError("aug.mask_source is a mask folder but the training transform (train.transform / "
                                   "train.randaugment) would move the image away from its mask; turn it off or use "
                                   "aug.mask_source=threshold")
+        if self.ssl.source != "off":
+            self._check_ssl()
         if t.eval_split == "val" and d.val_fraction <= 0 and d.val_per_class <= 0:
             raise ConfigError("train.eval_split=val needs a validation split: set data.val_per_class (e.g. 10)")
         if t.select == "val" and d.val_fraction <= 0 and d.val_per_class <= 0:
             raise ConfigError("train.select=val picks the best weights on a validation split: set "
                               "data.val_per_class (e.g. 10), or train.select=last")
 
+    def _check_ssl(self) -> None:
+        """ssl.* against the other sections (docs/ssl.md)."""
+        s, t, a, d = self.ssl, self.train, self.aug, self.data
+        if t.mixing:
+            raise ConfigError("ssl.source: the pseudo-labels and masks are per row, which Mixup/CutMix blend across "
+                              "rows; set train.mixup_alpha=0 and train.cutmix_alpha=0, or ssl.source=off")
+        if t.zero_stage == 3:
+            raise ConfigError("ssl.source: the teacher copies the classifier's weights, which train.zero_stage=3 "
+                              "partitions across ranks; use train.zero_stage 0, 1 or 2, or ssl.source=off")
+        if a.alpha > 0:
+            raise ConfigError("ssl.source with aug.alpha > 0: the producer makes either labelled edits or unlabelled "
+                              "rows, not both yet; set aug.alpha=0 (the generator settings aug.* still apply)")
+        if s.source == "pool" and (d.pool_fraction <= 0 or d.train_with_pool):
+            raise ConfigError("ssl.source=pool takes the generator pool's images unlabelled: set data.pool_fraction "
+                              "> 0 and data.train_with_pool=false")
+        if s.source == "generator" and not a.model:
+            raise ConfigError("ssl.source=generator needs aug.model (a diffusers folder or hub id)")
 
 # ---------------------------------------------------------------- loading
 
@@ -661,6 +722,30 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, k, _coerce(v, hints[k], key))
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in one mapping without a word, so a file that says ``set:`` (or
+    ``aug:``) twice silently loses the first; this loader refuses it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(f"key {key!r} appears twice in one mapping (line "
+                                        f"{key_node.start_mark.line + 1}): merge the two into one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, except that a key repeated within one mapping is an error."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` → (['a', 'b'], parsed YAML value)."""
     if "=" not in text:
@@ -677,9 +762,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found (pass --config configs/<name>.yaml)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = load_yaml(p.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"config file {str(p)!r} cannot be read as YAML: {e}") from e
+            raise ConfigError(f"config file {str(p)!r} cannot be read as YAML: {' '.join(str(e).split())}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         data.pop(RESOLVED, None)  # a run's derived facts (save_config), not settings

@@ -165,6 +165,24 @@ def test_every_suite_row_names_its_classes(suite: str) -> None:
         _check_prompts(preset_path(row.preset), row.overrides)
 
 
+@pytest.mark.parametrize("kind", ["config", "suite"])
+def test_a_key_written_twice_is_refused(kind: str, tmp_path: Path) -> None:
+    """PyYAML keeps the second of two equal keys silently: two suites lost their rows' aug.guard=off that way."""
+    path = tmp_path / "twice.yaml"
+    if kind == "config":
+        path.write_text("aug:\n  alpha: 0.1\ntrain:\n  steps: 5\naug:\n  alpha: 0.2\n")
+        load = lambda: load_config(path)  # noqa: E731
+    else:
+        path.write_text("rows:\n  - name: a\n    preset: diff-mix\n    set: [aug.guard=off]\n    set: [aug.alpha=1]\n")
+        load = lambda: load_suite(str(path))  # noqa: E731
+    with pytest.raises(ConfigError) as e:
+        load()
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    assert ("key 'aug' appears twice" in msg and "line 5" in msg) if kind == "config" else \
+        ("key 'set' appears twice" in msg and "line 5" in msg)
+
+
 # ---------------------------------------------------------------- export file modes
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_config, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/, train.py, models/
 CONFIGS = ROOT / "configs"
@@ -74,7 +74,10 @@ def load_suite(name: str) -> Suite:
     if not path.is_file():
         known = sorted(p.stem for p in SUITES.glob("*.yaml"))
         raise ConfigError(f"--suite {name}: {_rel(path)} not found (suites: {', '.join(known)})")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{_rel(path)} cannot be read as YAML: {' '.join(str(e).split())}") from e
     rows = []
     for i, r in enumerate(data.get("rows", [])):
         if not isinstance(r, dict) or "name" not in r or "preset" not in r:
