@@ -44,7 +44,8 @@ class Augmenter:
                  class_names: list[str], example_every: int = 0, edit_filter: EditFilter | None = None,
                  board: SnapshotBoard | None = None, dup_guard: NearDuplicateGuard | None = None,
                  reuse: int = 1, safety: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 source_reader: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 source_reader: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 refill: RealRefill | None = None):
         # editor: the frozen SD wrapper (SDEditGenerator) or any object with its edit(images, s, targets, generator)
         self.policy, self.editor, self.device = policy, editor, device
         self.seed, self.rank, self.class_names = seed, rank, class_names
@@ -57,6 +58,7 @@ class Augmenter:
         # aug.edit_source=full: view geometry [M, 6] -> the edit sources at the generator's resolution, read from the
         # stored images (data.EditSourceReader); None: the edit starts from the classifier's view
         self.source_reader = source_reader
+        self.refill = refill  # aug.guard_fallback=target: real images of the classes the guard refused edits toward
         self._nonfinite = [0, 0]  # (non-finite edits, edits) in the current window of NONFINITE_WINDOW edits
         self.nonfinite_warned = False
         self.audit = None  # the generator audit build_augmenter ran (aug.guard), reported by the trainer
@@ -131,6 +133,16 @@ class Augmenter:
                 stats["aug/near_dup"] = float((dist < self.dup_guard.threshold).float().mean())
             if self.example_every and micro_step % self.example_every == 0 and len(fi):
                 examples = self._examples(f_src, edited, plan.source[fi], f_target, f_strength, targets[idx][f_dev])
+        if plan.refill_index is not None and plan.refill_index.numel():
+            if self.refill is None:
+                raise RuntimeError("the policy planned real refills (aug.guard_fallback=target) but the augmenter "
+                                   "was built without a RealRefill")
+            images = images.clone() if not m else images
+            images[plan.refill_index.to(self.device)] = self.refill(plan.refill_class, plan.refill_pick,
+                                                                    images.shape[-2:]).to(self.device, images.dtype)
+            labels = labels.clone()
+            labels[plan.refill_index] = plan.refill_class  # the row's real class is now the target's
+            stats["aug/guard_refills"] = float(plan.refill_index.numel())
         stats["aug/gen_ms"] = 1000 * (time.perf_counter() - t0)
         return Batch(images=images, targets=targets, labels=labels, micro_step=micro_step, stats=stats,
                      examples=examples, edit_target=edit_target.to(self.device, non_blocking=True))
@@ -249,9 +261,30 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
     augmenter = Augmenter(policy, editor, device, cfg.run.seed, rank,
                           resolve_class_names(cfg.aug.class_names, splits.class_names),
                           example_every=cfg.aug.image_every * accum, edit_filter=edit_filter, board=board,
-                          dup_guard=dup_guard, reuse=cfg.aug.reuse, safety=safety, source_reader=source_reader)
+                          dup_guard=dup_guard, reuse=cfg.aug.reuse, safety=safety, source_reader=source_reader,
+                          refill=RealRefill(splits.train, splits.num_classes) if policy.refills else None)
     augmenter.audit = audit
     return augmenter
+
+
+class RealRefill:
+    """aug.guard_fallback=target: a real training image of a given class, read from the training set when asked (a
+    class's images are not held in memory); the stored image without the training transform, resized to the view."""
+
+    def __init__(self, train, num_classes: int):
+        self.train = train
+        labels = np.asarray(train.labels)
+        self.index = [np.flatnonzero(labels == c) for c in range(num_classes)]
+
+    def __call__(self, classes: torch.Tensor, pick: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``classes`` [R] (each with training images), ``pick`` [R] uniform in [0, 1): images [R, 3, *size]."""
+        rows = [int(self.index[int(c)][min(int(u * len(self.index[int(c)])), len(self.index[int(c)]) - 1)])
+                for c, u in zip(classes.tolist(), pick.tolist())]
+        x = self.train.subset(np.asarray(rows)).tensors()[0]
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", antialias=True,
+                                                align_corners=False).clamp(0, 1)
+        return x
 
 
 def guard_bank(train, num_classes: int, per_class: int = GUARD_PER_CLASS) -> list[torch.Tensor]:

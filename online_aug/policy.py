@@ -30,6 +30,11 @@ class AugPlan:
     target: torch.Tensor  # [M] long, the prompt class of each edited sample
     soft_label: torch.Tensor  # [B, C] float, labels for the whole batch (real rows one-hot)
     template: torch.Tensor | None = None  # [M] long, prompt template per edit (prompt diversity); None: template 0
+    # aug.guard_fallback=target: batch positions whose refused edit becomes a real image of its target class [R],
+    # those classes [R], and a uniform draw in [0, 1) per position that picks which of the class's images [R]
+    refill_index: torch.Tensor | None = None
+    refill_class: torch.Tensor | None = None
+    refill_pick: torch.Tensor | None = None
 
     @property
     def num_edits(self) -> int:
@@ -190,11 +195,14 @@ class AugPolicy:
             raise ConfigError(f"aug.target_mode={cfg.target_mode} needs at least 2 classes")
         self.cfg = cfg
         self.num_classes = num_classes
+        # aug.guard_fallback=target with a class refused: some edits become real images of their target class
+        self.refills = self.allowed is not None and cfg.guard_fallback == "target"
         self.num_templates = int(num_templates)
         self.target_p = torch.as_tensor(target_distribution(cfg, class_counts, num_classes), dtype=torch.float64)
         self.strength_set = torch.tensor(cfg.strengths, dtype=torch.float32)
         # aug.source_weight=frequency: a source is drawn with weight n_c (its class's training count; 1 if unknown)
         counts = class_counts if class_counts is not None else [1] * num_classes
+        self.class_counts = torch.tensor([int(n) for n in counts], dtype=torch.long)
         self.class_weight = torch.tensor([max(int(n), 1) for n in counts], dtype=torch.float64)
         self.strength_bounds = (tuple(cfg.strength_range) if cfg.strength_range
                                 else (min(cfg.strengths, default=1.0), max(cfg.strengths, default=1.0)))
@@ -232,11 +240,17 @@ class AugPolicy:
             target = torch.multinomial(rows, 1, replacement=True, generator=rng).flatten()
         else:
             target = torch.multinomial(self.target_p, m, replacement=True, generator=rng)
+        refill = None
         if self.allowed is not None and m:
             # an edit toward a class the generator cannot help stays a real row (the baseline's), and the allowed
             # classes get exactly the edits they would get unguarded: the targets are not renormalised over them,
-            # which would pour all of alpha into a few classes and tilt the class prior the classifier learns
+            # which would pour all of alpha into a few classes and tilt the class prior the classifier learns.
+            # aug.guard_fallback=target: the row becomes a real image of its target class instead (a class without
+            # training images has none: its row stays the source's)
             keep = self.allowed[target]
+            if cfg.guard_fallback == "target":
+                swap = ~keep & (self.class_counts[target] > 0)
+                refill = (index[swap], target[swap])
             index, strength, source, target = index[keep], strength[keep], source[keep], target[keep]
             m = index.numel()
         if adaptive and cfg.adaptive_strength != 0 and m:
@@ -248,5 +262,10 @@ class AugPolicy:
         template = None
         if self.num_templates > 1:  # drawn last: with one template the rng stream is what it always was
             template = torch.randint(self.num_templates, (m,), generator=rng)
-        return AugPlan(index=index, strength=strength.float(), source=source, target=target, soft_label=soft,
+        plan = AugPlan(index=index, strength=strength.float(), source=source, target=target, soft_label=soft,
                        template=template)
+        if refill is not None:  # drawn after everything else: the edits' plan is the same as with fallback=source
+            plan.refill_index, plan.refill_class = refill
+            plan.refill_pick = torch.rand(len(refill[0]), generator=rng)
+            soft[plan.refill_index] = torch.nn.functional.one_hot(plan.refill_class, self.num_classes).float()
+        return plan

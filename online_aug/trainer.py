@@ -196,7 +196,10 @@ class Trainer:
                        f"those alone would tilt the class prior away from the rest, so the run trains on real images "
                        f"only (the baseline's batches; the generator is not kept); see {where}")
         else:
-            verdict = f"\nguard: {audit.summary()}; see {where}"
+            rest = ("" if on == n else "; the edits toward the others become real images of those classes "
+                    "(aug.guard_fallback=target)" if self.cfg.aug.guard_fallback == "target" else
+                    "; the edits toward the others stay their real source images")
+            verdict = f"\nguard: {audit.summary()}{rest}; see {where}"
         self.monitor.print(f"generator audit ({audit.judge}; {audit.edits_per_class} edits per class at "
                            f"s={audit.strength:g}, {audit.seconds:.1f} s):\n{audit.table()}{verdict}")
         self.guard_note = ("" if self.cfg.aug.guard != "on" else

@@ -102,6 +102,54 @@ def test_guarded_policy_draws_targets_only_among_allowed_classes() -> None:
     assert set(p.source.tolist()) <= {1, 3} and torch.equal(p.source, p.target)
 
 
+def test_guard_fallback_target_turns_each_refused_edit_into_a_real_image_of_its_target(digits) -> None:
+    from online_aug.augment import Augmenter, RealRefill
+
+    cfg = load_config("configs/diff-mix.yaml", ["aug.alpha=0.5", "aug.guard_min_share=0",
+                                                "aug.guard_fallback=target"]).aug
+    counts = [50, 30, 10, 5, 0]  # class 4 has no training image: nothing to refill it with
+    labels = torch.randint(4, (4096,), generator=torch.Generator().manual_seed(0))
+    allowed = torch.tensor([False, True, False, True, False])
+    plan = AugPolicy(cfg, 5, counts, allowed=allowed).plan(labels, torch.Generator().manual_seed(1))
+    src = AugPolicy(load_config("configs/diff-mix.yaml", ["aug.alpha=0.5"]).aug, 5, counts,
+                    allowed=allowed).plan(labels, torch.Generator().manual_seed(1))
+    free = AugPolicy(cfg, 5, counts).plan(labels, torch.Generator().manual_seed(1))
+    # the edits are the fallback=source plan's, bit for bit; every refused edit with a refillable class is refilled
+    assert torch.equal(plan.index, src.index) and torch.equal(plan.strength, src.strength)
+    assert torch.equal(plan.target, src.target)
+    refused = ~allowed[free.target] & (torch.tensor(counts)[free.target] > 0)
+    assert torch.equal(plan.refill_index, free.index[refused])
+    assert torch.equal(plan.refill_class, free.target[refused]) and set(plan.refill_class.tolist()) == {0, 2}
+    assert torch.equal(plan.soft_label[plan.refill_index],
+                       torch.nn.functional.one_hot(plan.refill_class, 5).float())
+    to_empty = free.index[free.target == 4]  # class 4 refused and empty: the row stays its source, one-hot
+    assert torch.equal(plan.soft_label[to_empty], torch.nn.functional.one_hot(labels[to_empty], 5).float())
+    # the refused classes get at least the label mass the unguarded edits gave them (one-hot instead of s^gamma)
+    assert (plan.soft_label[:, [0, 2]].sum(0) >= free.soft_label[:, [0, 2]].sum(0)).all()
+    # the augmenter puts a real training image of the target class into each refilled row, and says so
+    dcfg, splits, bank, pool = digits
+    aug = Augmenter(AugPolicy(load_config("configs/diff-mix.yaml", ["aug.alpha=0.5", "aug.guard_min_share=0",
+                                                                    "aug.guard_fallback=target"]).aug,
+                              10, splits.train.class_counts(), allowed=torch.arange(10) % 2 == 1),
+                    _Editor("knows", bank, pool), CPU, 0, 0, splits.class_names,
+                    refill=RealRefill(splits.train, 10))
+    x, y = splits.train.subset(np.arange(64)).tensors()[:2]
+    y = torch.as_tensor(y).long()
+    batch = aug(x, y.clone(), micro_step=3)
+    refilled = (batch.labels != y).nonzero().flatten()
+    assert batch.stats["aug/guard_refills"] > 0 and len(refilled) > 0
+    for i in range(len(x)):
+        hard = int(batch.labels[i])
+        if int(batch.edit_target[i]) >= 0:
+            continue  # an edit toward an allowed (odd) class
+        assert hard % 2 == 0 or hard == int(y[i])  # refills go to refused (even) classes only
+        assert torch.equal(batch.targets[i], torch.nn.functional.one_hot(torch.tensor(hard), 10).float())
+        if i in refilled.tolist():
+            assert any(torch.equal(batch.images[i], b) for b in bank[hard])  # one of its class's training images
+    with pytest.raises(ConfigError, match="aug.guard_fallback=target"):
+        load_config("configs/diff-mix.yaml", ["aug.guard_fallback=target"])  # all or nothing: never partial
+
+
 def test_label_correction_moves_only_the_edited_rows() -> None:
     target = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0]])
     logits = torch.tensor([[0.0, 0.0, 9.0], [9.0, 0.0, 0.0]], requires_grad=True)
