@@ -5,6 +5,8 @@
 - :mod:`~online_aug.sdtrain.finetune`: learned class tokens (textual inversion) and a UNet LoRA
   (``tools/finetune_sd.py``);
 - :mod:`~online_aug.sdtrain.sd_training`: what those two share (batches, VAE latents, the denoising loss);
+- :mod:`~online_aug.sdtrain.lcm_distill`: latent consistency distillation of the run's generator into an LCM-LoRA
+  (``tools/distill_lcm.py``);
 - :mod:`~online_aug.sdtrain.erasure`: concept erasure (ESD, ``tools/erase_concepts.py``);
 - :mod:`~online_aug.sdtrain.sd15`: SD 1.5's architecture with random weights (benchmarks, memory checks);
 - :mod:`~online_aug.sdtrain.edit_quality`: how well a generator's edits land on their target class (the quality gate,
