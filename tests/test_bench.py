@@ -36,4 +36,12 @@ def test_bench_counts_unet_evaluations_and_times_every_variant(tmp_path: Path) -
     assert tr["plain"]["generated_per_step"] == 0.0 and tr["online_prefetch"]["generated_per_step"] > 0
     assert tr["online_prefetch_reuse3"]["generated_per_step"] < tr["online_prefetch"]["generated_per_step"]
     assert tr["ratio_reuse_generated"] < 1 and "aug.reuse=3" in r.stdout
+    # the distilled rows (K = 1, 2 LCM steps, no CFG): one pair of lines per generator setting
+    for k in (1, 2):
+        assert gen[f"ours_lcm_K{k}"]["unet_evals_per_image"] == float(k)  # no unconditional pass
+        assert gen[f"ratio_lcm_K{k}_vs_diffusers"]["unet_evals"] >= 24.0 / k  # diffusers: >= 24 evals per edit
+        assert tr[f"online_prefetch_lcm_K{k}"]["generated_per_step"] > 0
+        assert tr[f"ratio_prefetch_lcm_K{k}_vs_plain"] > 0
+        assert f"few-step vs diffusers, distilled K={k} LCM no CFG" in r.stdout
+        assert f"prefetch vs plain, distilled K={k} LCM no CFG" in r.stdout
     assert "(b) training throughput" in r.stdout and "prefetch vs sync" in r.stdout

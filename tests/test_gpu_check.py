@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,3 +65,21 @@ def test_failed_checks_are_the_trace_and_audit_rules():
     bad = {"audit": {"trace": {"cudaDeviceSynchronize": 2, "interleaved": False},
                      "sync_audit": {"ours_in_trainer_per_step": 3.0}}}
     assert len(tool.failed_checks(bad)) == 3
+
+
+@pytest.mark.usefixtures("one_thread")  # conftest.py
+def test_the_distilled_lcm_rows_run_at_reduced_size_on_cpu(tmp_path, monkeypatch):
+    """bench_lcm's path (distil, load through aug.lora, time K = 1, 2 LCM steps without CFG) on the tiny SD in fp32:
+    what make gpu-check runs on SD 1.5's architecture at 512 / 256 px."""
+    import torch
+    from tiny_sd import save_tiny_sd
+
+    tool = _tool()
+    monkeypatch.setattr(tool, "DEVICE", torch.device("cpu"))
+    monkeypatch.setattr(tool, "DTYPE", torch.float32)
+    monkeypatch.setattr(tool, "WORK", tmp_path)
+    res = tool.bench_lcm(models={16: save_tiny_sd(tmp_path / "sd")}, batch=2, repeats=1, distill_steps=1)
+    assert res["16px_lcm_K1_eager"] > 0 and res["16px_lcm_K2_eager"] > 0
+    assert res["16px_lcm_K1_unet_evals_per_image"] == 1.0 and res["16px_lcm_K2_unet_evals_per_image"] == 2.0
+    assert (tmp_path / "lcm-sd" / "pytorch_lora_weights.safetensors").is_file()
+    assert "| 16 | lcm_K1_eager |" in tool.markdown({"lcm": res})

@@ -13,6 +13,10 @@ H100; JSON and a markdown table under ``reports/gpu/``. Without CUDA it says so 
    224 px plain vs online (prefetch, sync) at alpha 0.1 and 0.25 with the 256 px K = 2 generator (bench_training
    of online_aug/experiments/timing.py, as tools/bench.py); overlap efficiency step_time / max(T_train, T_gen) and
    the stall fraction.
+5. The distilled rows: the SD-1.5-architecture folder at 512 and 256 px distilled for 2 steps into an LCM-LoRA
+   (online_aug/sdtrain/lcm_distill.py, mixed precision; only to exercise the path: the weights stay random), loaded
+   through aug.lora and timed at K = 1, 2 LCM steps without CFG, eager vs CUDA graph (UNet evaluations per image
+   counted).
 
     python tools/gpu_check.py [--out reports/gpu] [--budget-s 540] [--skip-tests] [--skip-bench]
 
@@ -213,6 +217,59 @@ def _bench_size(px: int, ks, batch: int, repeats: int, budget: Budget | None, re
     return out
 
 
+def bench_lcm(models: dict[int, Path] | None = None, ks=(1, 2), batch: int = 32, repeats: int = 2,
+              distill_steps: int = 2, budget: Budget | None = None, results: dict | None = None) -> dict:
+    """Distil each ``px -> SD folder`` of ``models`` (default: SD 1.5's architecture at 512 and 256 px) for
+    ``distill_steps`` steps, load the LCM-LoRA through ``aug.lora`` and time K = ``ks`` LCM steps without CFG."""
+    from online_aug.config import AugConfig, load_config
+    from online_aug.data import build_splits
+    from online_aug.experiments.timing import strength_batch, time_calls
+    from online_aug.generator import SDEditGenerator
+    from online_aug.generator.graphs import apply_speed_options
+    from online_aug.sdtrain.lcm_distill import DistillOptions, distill, student_aug
+    from online_aug.sdtrain.sd15 import save_sd15
+
+    if models is None:
+        models = {px: WORK / f"sd15-{px}" for px in (512, 256)}
+    results = results if results is not None else {}
+    out: dict[str, Any] = {}
+    dtype = "fp16" if DTYPE == torch.float16 else "fp32"
+    for px, folder in models.items():
+        if budget is not None and not budget.fits(90 if px >= 512 else 45, f"LCM {px}px", results):
+            continue
+        if not (Path(folder) / "unet").is_dir():
+            save_sd15(folder, sample_size=px)
+        cfg = load_config(ROOT / "configs/demo.yaml", [
+            f"run.device={DEVICE.type}", f"aug.model={folder}", "aug.textual_inversion=", "aug.lora=",
+            f"aug.dtype={dtype}", "aug.prompt=a photo of a class {name}"])
+        splits = build_splits(cfg.data)
+        lcm = WORK / f"lcm-{Path(folder).name}"
+        t0 = time.perf_counter()
+        m = distill(cfg, splits, lcm, DistillOptions(steps=distill_steps, batch_size=2, lora_rank=4,
+                                                     mixed_precision="auto", show_progress=False), device=DEVICE)
+        out[f"{px}px_distill_s_per_step"] = round((time.perf_counter() - t0) / distill_steps, 2)
+        out[f"{px}px_distill_loss"] = m["final_loss_ema"]
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(batch, 3, px, px, generator=g).to(DEVICE)
+        strengths, targets = strength_batch(batch, splits.num_classes)
+        for K in ks:
+            aug = student_aug(cfg.aug, lcm, K)
+            gen = SDEditGenerator.from_config(aug, splits.class_names, DEVICE)
+            for mode in ("eager", "graph") if DEVICE.type == "cuda" else ("eager",):
+                if mode == "graph":
+                    apply_speed_options(gen, AugConfig(cuda_graph="always", channels_last=False))
+                ips, evals = time_calls(
+                    lambda seed, gen=gen: gen.edit(images, strengths, targets,
+                                                   torch.Generator(DEVICE).manual_seed(seed)),
+                    batch, repeats, DEVICE, gen.unet if mode == "eager" else None)
+                out[f"{px}px_lcm_K{K}_{mode}"] = round(ips, 2)
+                if evals is not None:
+                    out[f"{px}px_lcm_K{K}_unet_evals_per_image"] = evals
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def bench_train(alphas=(0.1, 0.25), steps: int = 20, budget: Budget | None = None,
                 results: dict | None = None, sample_size: int = 256, extra: tuple[str, ...] = ()) -> dict:
     """ResNet-50 at 224 px: plain vs online (prefetch, sync) with the 256 px K = 2 SD-1.5-architecture generator."""
@@ -300,6 +357,14 @@ def markdown(results: dict) -> str:
             px, _, rest = k.partition("_")
             lines.append(f"| {px.removesuffix('px')} | {rest} | {v} |")
         lines.append("")
+    lcm = results.get("lcm")
+    if lcm:
+        lines += ["## Distilled LCM rows, SD 1.5 architecture (random weights, distilled 2 steps), no CFG", "",
+                  "| px | variant | value |", "|---:|---|---:|"]
+        for k, v in lcm.items():
+            px, _, rest = k.partition("_")
+            lines.append(f"| {px.removesuffix('px')} | {rest} | {v} |")
+        lines.append("")
     tr = results.get("training")
     if tr:
         lines += ["## Training, ResNet-50 224 px, batch 64, bf16", "",
@@ -361,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_bench:
         section("generator", 90, lambda: bench_generator(budget=budget, results=results))
         section("training", 120, lambda: bench_train(budget=budget, results=results))
+        section("lcm", 60, lambda: bench_lcm(budget=budget, results=results))
         if results.get("training") and results.get("generator"):
             results["overlap"] = overlap(results["training"], results["generator"])
     results["checks_failed"] = failed_checks(results)

@@ -4,8 +4,14 @@
   and optionally the UNet evaluations per image (:class:`UNetCounter`).
 - :func:`img2img_baseline`: diffusers' ``StableDiffusionImg2ImgPipeline`` at the papers' setting (25 steps), called
   once per strength group with per-sample prompt embeddings: the best a peer can do with the stock pipeline.
-- :func:`bench_generation`: our few-step loop (and its grid mode at equal steps) against that baseline.
-- :func:`bench_training`: training images/s plain, online through the prefetch queue and online inside the step.
+- :func:`bench_generation`: our few-step loop (and its grid mode at equal steps) against that baseline, and the
+  distilled generator's rows: K = 1, 2 LCM steps without classifier-free guidance (``lcm_ks``).
+- :func:`bench_training`: training images/s plain, online through the prefetch queue and online inside the step,
+  and online through the prefetch queue with the distilled generator (``lcm_ks``).
+
+The distilled rows stack ``lcm_lora`` (an LCM-LoRA of ``tools/distill_lcm.py``) on the run's LoRAs; without one they
+run the LCM sampler on the teacher's weights: a merged LoRA leaves the UNet's size and so its timing unchanged, only
+the edits' quality needs the distilled weights.
 
 Used by ``tools/bench.py`` and ``tools/gpu_check.py``; they print ratios and never assert timings.
 """
@@ -94,10 +100,22 @@ def img2img_baseline(comps, ref, images: torch.Tensor, strengths: torch.Tensor, 
     return once
 
 
-def bench_generation(model: str, batch: int, device: torch.device, repeats: int, cfg) -> dict:
+def lcm_overrides(cfg, k: int, lcm_lora: str = "") -> list[str]:
+    """Config overrides that turn the run's generator into the distilled one at K = ``k`` LCM steps, no CFG."""
+    import json
+
+    out = ["aug.scheduler=lcm", f"aug.steps={k}", "aug.guidance_scale=1.0", "aug.schedule=fewstep"]
+    if lcm_lora:
+        stack = [f"{e.path}:{e.weight:g}" for e in cfg.aug.lora_stack()] + [lcm_lora]
+        out.append(f"aug.lora={json.dumps(stack)}")
+    return out
+
+
+def bench_generation(model: str, batch: int, device: torch.device, repeats: int, cfg, lcm_ks: tuple[int, ...] = (),
+                     lcm_lora: str = "") -> dict:
     """UNet evaluations per edited image and edited images/s: our few-step loop (K = ``aug.steps``, per-sample
     strength and target in one batch) and its grid mode at 25 steps, against :func:`img2img_baseline`. Same model,
-    batch and guidance."""
+    batch and guidance. ``lcm_ks``: also the distilled generator at each K (LCM, no CFG; ``lcm_lora`` merged)."""
     from ..data import build_splits
     from ..devices import resolve_dtype
     from ..generator import SDEditGenerator, class_prompts, load_sd, resolve_class_names
@@ -126,13 +144,31 @@ def bench_generation(model: str, batch: int, device: torch.device, repeats: int,
                                 comps.unet)
     f_evals, f_ips = ours("fewstep", cfg.aug.steps)
     g_evals, g_ips = ours("grid", BASELINE_STEPS)
-    return {
+    out = {
         f"diffusers_img2img_{BASELINE_STEPS}": {"unet_evals_per_image": d_evals, "images_per_s": d_ips},
         f"ours_fewstep_K{cfg.aug.steps}": {"unet_evals_per_image": f_evals, "images_per_s": f_ips},
         f"ours_grid_{BASELINE_STEPS}": {"unet_evals_per_image": g_evals, "images_per_s": g_ips},
         "ratio_fewstep_vs_diffusers": {"unet_evals": d_evals / f_evals, "images_per_s": f_ips / d_ips},
         "ratio_grid_vs_diffusers": {"unet_evals": d_evals / g_evals, "images_per_s": g_ips / d_ips},
     }
+    if lcm_ks:
+        lcm = comps
+        if lcm_lora:  # the distilled generator: the run's LoRAs with the LCM-LoRA on top, merged
+            from ..config import LoraEntry
+            from ..generator.finetuned import apply_lora_stack
+
+            lcm = load_sd(model, device, dtype)
+            lcm.vae.to(dtype)
+            apply_lora_stack(lcm.unet, [*cfg.aug.lora_stack(), LoraEntry(lcm_lora, 1.0, "--lcm-lora")])
+        for k in lcm_ks:
+            gen = SDEditGenerator(lcm, prompts, guidance_scale=1.0, schedule="fewstep", steps=k, scheduler="lcm",
+                                  device=device, dtype=dtype)
+            ips, evals = time_calls(
+                lambda seed, gen=gen: gen.edit(images, strengths, targets, torch.Generator(device).manual_seed(seed)),
+                batch, repeats, device, lcm.unet)
+            out[f"ours_lcm_K{k}"] = {"unet_evals_per_image": evals, "images_per_s": ips}
+            out[f"ratio_lcm_K{k}_vs_diffusers"] = {"unet_evals": d_evals / evals, "images_per_s": ips / d_ips}
+    return out
 
 
 def time_training(config: str, overrides: list[str], name: str, extra: list[str], steps: int,
@@ -171,7 +207,7 @@ def time_training(config: str, overrides: list[str], name: str, extra: list[str]
 
 
 def bench_training(config: str, overrides: list[str], steps: int, device: torch.device, rounds: int = 2,
-                   reuse: int = 1) -> dict:
+                   reuse: int = 1, lcm_ks: tuple[int, ...] = (), lcm_lora: str = "") -> dict:
     """Each variant ``rounds`` times, interleaved (plain, prefetch, sync, plain, ...), best round kept.
 
     Interleaving and keeping the best (timeit's rule) stop a one-off disturbance, or whatever ran just before the
@@ -184,6 +220,12 @@ def bench_training(config: str, overrides: list[str], steps: int, device: torch.
     }
     if reuse > 1:  # aug.reuse: each edit used in `reuse` steps, about 1/reuse of the generator work
         variants[f"online_prefetch_reuse{reuse}"] = ["aug.prefetch=true", f"aug.reuse={reuse}"]
+    if lcm_ks:  # the distilled generator (K LCM steps, no CFG) through the prefetch queue
+        from ..config import load_config
+
+        cfg = load_config(config, overrides)
+        for k in lcm_ks:
+            variants[f"online_prefetch_lcm_K{k}"] = ["aug.prefetch=true", *lcm_overrides(cfg, k, lcm_lora)]
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, extra in variants.items():
@@ -194,6 +236,9 @@ def bench_training(config: str, overrides: list[str], steps: int, device: torch.
         out[name] = {**best, "rounds_images_per_s": [round(r["images_per_s"], 2) for r in rs]}
     out["ratio_prefetch_vs_sync"] = out["online_prefetch"]["images_per_s"] / out["online_sync"]["images_per_s"]
     out["ratio_prefetch_vs_plain"] = out["online_prefetch"]["images_per_s"] / out["plain"]["images_per_s"]
+    for k in lcm_ks:
+        out[f"ratio_prefetch_lcm_K{k}_vs_plain"] = (out[f"online_prefetch_lcm_K{k}"]["images_per_s"]
+                                                    / out["plain"]["images_per_s"])
     if reuse > 1:
         r = out[f"online_prefetch_reuse{reuse}"]
         out["ratio_reuse_generated"] = r["generated_per_step"] / max(out["online_prefetch"]["generated_per_step"], 1e-9)
