@@ -71,6 +71,9 @@ class Batch:
     ready: object | None = None  # a CUDA event the consumer waits on before touching the tensors
     slot: int = -1  # CUDA ring slot holding the tensors (see prefetch.py)
     edit_target: torch.Tensor | None = None  # [B] long on the device: an edit's target class, -1 for a real row
+    # ssl.source: the unlabelled rows' weak and strong views [U, 3, H, W] on the device (online_aug/unlabelled.py)
+    u_weak: torch.Tensor | None = None
+    u_strong: torch.Tensor | None = None
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):

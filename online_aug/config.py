@@ -28,7 +28,7 @@ METHODS: tuple[str, ...] = (
     "real-guidance", "real-gen", "real-mix", "da-fusion", "diff-gen", "diff-aug", "diff-mix", "diff-mix-uniformize",
     "diff-mix-cutmix", "diff-mix-lcm", "latent-perturbation", "composition", "real-guidance-leakage-free",
     "da-fusion-leakage-free",
-    "object-centric-foreground", "object-centric-background",
+    "object-centric-foreground", "object-centric-background", "ssl-real-pool", "ssl-gen",
 )
 # run.stop_signals may name these (catchable, and what schedulers send: SLURM SIGTERM/SIGUSR1, PBS/LSF SIGXCPU)
 STOP_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
@@ -555,6 +555,9 @@ class SSLConfig:
                "aug.gen_from_noise at strength 1), the target class drawn at random and its label dropped.")
     mu: int = doc(1, "Unlabelled rows per labelled row of a micro-batch (FixMatch's mu).", ge=1)
     weight: float = doc(1.0, "lambda_u: weight of the unlabelled loss beside the labelled one.", ge=0)
+    start: float = doc(0.3, "Fraction of the run trained on the labelled rows alone before the teacher's labels are "
+                            "used (a teacher of random weights labels everything one class, which the low early "
+                            "FlexMatch thresholds let through: confirmation bias).", ge=0, lt=1)
     threshold: float = doc(0.95, "tau: a pseudo-label trains only above this teacher confidence (FlexMatch: the "
                                  "top of the per-class thresholds).", ge=0, lt=1)
     thresholds: Literal["fixed", "flexmatch"] = doc(
@@ -568,7 +571,8 @@ class SSLConfig:
                            ge=0, lt=1)
     teacher_decay: float = doc(0.99, "Teacher: EMA decay of the classifier's weights, per optimizer step (timm "
                                      "ModelEmaV3, kept in fp32).", ge=0, lt=1)
-    teacher_warmup: bool = doc(True, "Teacher decay warm-up (timm): min(teacher_decay, 1 - (1 + step)^(-2/3)).")
+    teacher_warmup: bool = doc(True, "Teacher decay warm-up (timm): min(teacher_decay, 1 - s^(-2/3)) after optimizer "
+                                     "step s (the first update copies the weights).")
     strong: str = doc("rand-m9-n2-mstd0.5", "timm RandAugment spec of the student's strong view (the weak view is "
                                             "the image as made).")
     strengths: list[float] = doc([1.0], "source=generator: SDEdit strengths drawn per unlabelled image (1 with "

@@ -34,6 +34,7 @@ from .config import OnFault
 from .faults import out_of_memory
 
 _POLL_S = 0.05  # how often blocked threads re-check for shutdown or a dead producer
+_UNLABELLED = ("u_weak", "u_strong")  # Batch fields of the ssl.source rows, when a batch has them
 
 
 class ProducerError(RuntimeError):
@@ -58,13 +59,18 @@ class _Ring:
         if self.slots[i] is None:
             edit_target = batch.edit_target if batch.edit_target is not None else torch.empty(0)
             self.slots[i] = (torch.empty_like(batch.images), torch.empty_like(batch.targets),
-                             torch.empty_like(edit_target, device=batch.images.device))
-        images, targets, edit_target = self.slots[i]
+                             torch.empty_like(edit_target, device=batch.images.device),
+                             {k: torch.empty_like(getattr(batch, k)) for k in _UNLABELLED
+                              if getattr(batch, k) is not None})
+        images, targets, edit_target, unlabelled = self.slots[i]
         images.copy_(batch.images, non_blocking=True)
         targets.copy_(batch.targets, non_blocking=True)
         if batch.edit_target is not None:  # read by the trainer's statistics: it lives in the ring like the rest
             edit_target.copy_(batch.edit_target, non_blocking=True)
             batch.edit_target = edit_target
+        for k, buf in unlabelled.items():  # ssl.source: the unlabelled views live in the ring too
+            buf.copy_(getattr(batch, k), non_blocking=True)
+            setattr(batch, k, buf)
         ready = streams.Event()
         ready.record(stream)
         batch.images, batch.targets, batch.ready = images, targets, ready

@@ -169,12 +169,18 @@ def build_batch_source(cfg: Config, splits, device: torch.device, rank: int, wor
                 # nothing to help, or too little: edits toward only some classes shift the class prior away from
                 # the others (measured: docs/guard.md). The baseline's real batches; the generator is not kept
                 augmenter = None
-    if augmenter is None:
+    if augmenter is None and cfg.ssl.source == "off":
         source = RealSource(loader, device, splits.num_classes, start)
     else:
-        if cfg.aug.reuse > 1 and start > 0:
+        if augmenter is not None and cfg.aug.reuse > 1 and start > 0:
             _rebuild_reuse_ring(augmenter, cfg, splits, device, rank, world, micro_bs, start)
-        augment = inject_into_augment(augmenter)  # test hook
+        augment: Callable[..., Batch] = augmenter
+        if cfg.ssl.source != "off":  # the producer makes the unlabelled rows too (docs/ssl.md)
+            from .unlabelled import WithUnlabelled, build_unlabelled
+
+            augment = WithUnlabelled(augmenter, build_unlabelled(cfg, splits, device, rank), splits.num_classes,
+                                     device)
+        augment = inject_into_augment(augment)  # test hook
         if not cfg.aug.prefetch:
             source = SyncAugmentedSource(loader, augment, device, start)
         else:

@@ -130,10 +130,16 @@ class Trainer:
         self.producer_fault = False  # reported once
 
     def _restore(self, resume_from: tuple[Path, str | None] | None) -> None:
-        """The closed loop (aug.adaptive: live class statistics steer the policy), then the checkpoint's weights and
-        the client state that :meth:`_client_state` saved."""
+        """The closed loop (aug.adaptive: live class statistics steer the policy) and the SSL teacher (ssl.source),
+        then the checkpoint's weights and the client state that :meth:`_client_state` saved."""
         cfg = self.cfg
         self.loop = None
+        self.ssl = None
+        if cfg.ssl.source != "off":
+            from .pseudo_labels import PseudoLabeler
+
+            self.ssl = PseudoLabeler(cfg.ssl, self.engine.module, self.class_counts, self.splits.class_names,
+                                     self.device, self.world)
         if cfg.aug.adaptive:
             from .closed_loop import ClosedLoop
 
@@ -157,6 +163,11 @@ class Trainer:
                 raise ConfigError("aug.adaptive=true but the checkpoint holds no closed-loop statistics (it was "
                                   "trained without aug.adaptive); resume with aug.adaptive=false or start anew")
             self.loop.load_state_dict(client["adaptive"])
+        if self.ssl is not None:
+            if "ssl" not in client:
+                raise ConfigError(f"ssl.source={cfg.ssl.source} but the checkpoint holds no teacher (it was trained "
+                                  f"without ssl.source); resume with ssl.source=off or start anew")
+            self.ssl.load_state_dict(client["ssl"])
 
     def _client_state(self, done: int, log: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint holds beside DeepSpeed's own state; :meth:`_restore` reads it back."""
@@ -166,6 +177,8 @@ class Trainer:
             client["select_best"] = self.best
         if self.loop is not None:
             client["adaptive"] = self.loop.state_dict()
+        if self.ssl is not None:
+            client["ssl"] = self.ssl.state_dict()
         return client
 
     def _batch_source(self) -> BatchSource:
@@ -239,6 +252,8 @@ class Trainer:
                                self.cfg.run.reference, int(self.best["step"]) if t.select == "val" else None))
             if self.guard_note:
                 print(self.guard_note)
+            if self.ssl is not None:
+                print(self.ssl.report())
         return metrics
 
     def _loop(self) -> tuple[int, int, dict[str, float]]:
@@ -274,6 +289,8 @@ class Trainer:
                           "train/lr": self.scheduler.get_last_lr()[0],
                           "train/images_per_s": seen / max(elapsed, 1e-9)}
                 values.update(reduce_stats(aug_acc, loss_n))
+                if self.ssl is not None:
+                    values.update(self.ssl.scalars())
                 self.monitor.scalars(done, values)
                 self.last_train = values
                 loss_sum.zero_()
@@ -317,11 +334,19 @@ class Trainer:
         y = smooth(y, self.cfg.train.label_smoothing)
         if self.guard is not None:
             self.guard.before_forward()
-        logits = self.engine(x.to(self.dtype))
+        unlabelled = (self.ssl is not None and batch.u_strong is not None  # ssl.start: labelled rows alone before
+                      and batch.micro_step // self.accum >= int(self.cfg.ssl.start * self.steps))
+        if unlabelled:  # labelled and strong unlabelled rows in one forward (FixMatch: one BatchNorm batch)
+            logits = self.engine(torch.cat([x, batch.u_strong]).to(self.dtype))
+            logits, u_logits = logits[:len(x)], logits[len(x):]
+        else:
+            logits = self.engine(x.to(self.dtype))
         beta = self.cfg.aug.label_correction
         if beta > 0 and batch.edit_target is not None:  # the edits' labels, corrected by this same forward
             y = correct_labels(y, logits, batch.edit_target >= 0, beta)
         loss = soft_cross_entropy(logits, y, self.class_weight(batch.micro_step // self.accum))
+        if unlabelled:  # the teacher's pseudo-labels on the weak views (docs/ssl.md)
+            loss = loss + self.ssl.loss(u_logits, batch.u_weak)
         if self.guard is not None and self.guard.every > 1:
             self.guard.observe(loss)  # on the device; read every train.guard_every steps (_poll_guard)
         elif self.guard is not None and self.guard.check(loss):  # one host read of the loss; agreed by every rank
@@ -331,8 +356,14 @@ class Trainer:
             self.monitor.scalars(batch.micro_step // self.accum + 1, values)
         self.engine.backward(loss)
         self.engine.step()
+        self._update_teacher(batch)
         self.source.release(batch)  # its buffers may be refilled once the work queued above is done
         return loss
+
+    def _update_teacher(self, batch: Batch) -> None:
+        """ssl.source: the teacher's EMA follows every optimizer step (the last micro-batch of each)."""
+        if self.ssl is not None and (batch.micro_step + 1) % self.accum == 0:
+            self.ssl.update_teacher(self.engine.module, batch.micro_step // self.accum + 1)
 
     # ------------------------------------------------------------------ faults (README "Faults")
 
@@ -346,6 +377,7 @@ class Trainer:
             self.engine.backward(logits.sum() * 0.0)
             self.engine.step()
             g.restore()  # the blank forward moved BatchNorm statistics too
+            self._update_teacher(batch)
         self.source.release(batch)
         step = batch.micro_step // self.accum + 1
         self.monitor.scalars(step, {"train/skipped_steps": float(g.skipped)})

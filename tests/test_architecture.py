@@ -109,7 +109,7 @@ def test_no_import_cycle_inside_the_package() -> None:
 # The classifier's training runtime: the trainer and everything that makes its batches.
 RUNTIME = ("online_aug.trainer", "online_aug.sources", "online_aug.prefetch", "online_aug.augment",
            "online_aug.policy", "online_aug.closed_loop", "online_aug.class_stats", "online_aug.batches",
-           "online_aug.checkpoint", "online_aug.monitor")
+           "online_aug.checkpoint", "online_aug.monitor", "online_aug.unlabelled", "online_aug.pseudo_labels")
 SDTRAIN, TESTING = "online_aug.sdtrain", "online_aug.testing"
 
 

@@ -39,6 +39,8 @@ AGNOSTIC = "a photo"  # DA-Fusion Table 1 "Class Agnostic Prompt", the §6.1 dat
 FINETUNED = {"aug.textual_inversion": "models/ft-digits-pool-agnostic", "aug.lora": "models/ft-digits-pool-agnostic",
              "aug.model": "models/tiny-sd-digits-pool-agnostic", "aug.prompt": AGNOSTIC}
 NO_AUG = {"aug.alpha": 0.0}
+FIXMATCH = {"ssl.threshold": 0.95, "ssl.weight": 1.0, "ssl.thresholds": "flexmatch", "ssl.dist_align": True,
+            "ssl.strong": "rand-m9-n2-mstd0.5"}
 
 # preset -> (source, {dotted key: value the paper gives})
 PAPER: dict[str, tuple[str, dict[str, Any]]] = {
@@ -105,6 +107,13 @@ PAPER: dict[str, tuple[str, dict[str, Any]]] = {
     "object-centric-background": ("semantic-aug §3.3, §4.2.1 Figs 4-5: the inverted (dilated) foreground mask",
                                   {"aug.alpha": 0.5, "aug.strengths": DA_FUSION_T0, "aug.target_mode": "intra",
                                    "aug.mask_mode": "background"}),
+    # FixMatch (Sohn et al. 2020) tau 0.95, lambda_u 1, RandAugment; FlexMatch thresholds; ReMixMatch alignment
+    "ssl-real-pool": ("FixMatch + FlexMatch + ReMixMatch DA on the pool's real images, labels dropped",
+                      {**NO_AUG, **FIXMATCH, "ssl.source": "pool"}),
+    "ssl-gen": ("FixMatch + FlexMatch + ReMixMatch DA on class-free SD samples from noise (DPT's setting)",
+                {**NO_AUG, **FIXMATCH, "ssl.source": "generator", "aug.gen_from_noise": True, "ssl.strengths": [1.0],
+                 "aug.prompt": AGNOSTIC, "aug.model": "models/tiny-sd-digits-pool-agnostic",
+                 "aug.textual_inversion": "", "aug.lora": ""}),
 }
 
 
