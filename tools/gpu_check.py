@@ -259,8 +259,8 @@ def bench_lcm(models: dict[int, Path] | None = None, ks=(1, 2), batch: int = 32,
                 if mode == "graph":
                     apply_speed_options(gen, AugConfig(cuda_graph="always", channels_last=False))
                 ips, evals = time_calls(
-                    lambda seed, gen=gen: gen.edit(images, strengths, targets,
-                                                   torch.Generator(DEVICE).manual_seed(seed)),
+                    lambda seed, gen=gen, x=images, s=strengths, y=targets: gen.edit(
+                        x, s, y, torch.Generator(DEVICE).manual_seed(seed)),
                     batch, repeats, DEVICE, gen.unet if mode == "eager" else None)
                 out[f"{px}px_lcm_K{K}_{mode}"] = round(ips, 2)
                 if evals is not None:
