@@ -46,6 +46,7 @@ from .duplicates import NearDuplicateGuard
 JUDGE_SIZE = 16  # pixel judge: 16x16 grayscale (digits at 8x8 lose the strokes; larger buys nothing here)
 JUDGE_VIEWS = 8  # jittered copies of each training image the judge is fit on
 MIN_REF_IMAGES = 3  # a class needs this many training images to say what a real class's spread is
+JUDGE_WEAK = 0.5  # a refusal for the target rate is called uncertain below this judge recall on held-out images
 
 
 @dataclass
@@ -58,6 +59,10 @@ class ClassVerdict:
     copy_share: float
     helps: bool
     why: str  # the failed criterion, or "ok"
+    # share of held-out real images of the class (the validation split) the judge calls the class: how far its
+    # target rate can be trusted (a judge that knows one training image of a class may miss most real ones); nan
+    # when there is no held-out image. Said beside a refusal, never used to decide.
+    judge_recall: float = float("nan")
 
 
 @dataclass
@@ -78,13 +83,16 @@ class Audit:
         return torch.tensor([c.helps for c in self.classes], dtype=torch.bool)
 
     def table(self) -> str:
-        head = f"{'class':<16}{'n':>5}{'target rate':>13}{'(others)':>10}{'spread':>8}{'copies':>8}  verdict"
+        head = (f"{'class':<16}{'n':>5}{'target rate':>13}{'(others)':>10}{'(real)':>8}{'spread':>8}{'copies':>8}"
+                "  verdict")
         lines = [head, "-" * len(head)]
         for c in self.classes:
             verdict = "edits help" if c.helps else f"no edits ({c.why})"
-            lines.append(f"{c.name:<16}{c.n_train:>5}{c.target_rate:>13.2f}{c.base_rate:>10.2f}{c.spread:>8.2f}"
-                         f"{c.copy_share:>8.2f}  "
-                         f"{verdict}")
+            if not c.helps and c.judge_recall < JUDGE_WEAK and "does not draw" in c.why:
+                verdict += (f" [uncertain: the judge calls only {c.judge_recall:.0%} of held-out real images of the "
+                            f"class by its name]")
+            lines.append(f"{c.name:<16}{c.n_train:>5}{c.target_rate:>13.2f}{c.base_rate:>10.2f}"
+                         f"{c.judge_recall:>8.2f}{c.spread:>8.2f}{c.copy_share:>8.2f}  {verdict}")
         return "\n".join(lines)
 
     def share(self, target_p: torch.Tensor) -> float:
@@ -172,9 +180,12 @@ def _pairwise_mean(f: torch.Tensor) -> float:
 
 @torch.no_grad()
 def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_names: list[str],
-                    class_counts: list[int], device: torch.device) -> Audit:
+                    class_counts: list[int], device: torch.device,
+                    held_out: list[torch.Tensor] | None = None) -> Audit:
     """Audit ``editor`` (an :class:`~online_aug.generator.SDEditGenerator`) on ``bank`` (training images per class,
-    [n_c, 3, S, S] in [0, 1]); deterministic in ``run.seed`` and never touches the run's random streams."""
+    [n_c, 3, S, S] in [0, 1]); deterministic in ``run.seed`` and never touches the run's random streams.
+    ``held_out``: real images per class the judge was not fit on (the validation split), to say how well the judge
+    itself recognises each class (the ``(real)`` column); the verdicts do not depend on them."""
     a = cfg.aug
     t0 = time.perf_counter()
     num_classes = len(bank)
@@ -236,8 +247,11 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
             why.append(f"spread {spread:.2f} < {a.guard_min_spread:g}: it repeats one image")
         if copy > a.guard_max_copy:
             why.append(f"copies {copy:.2f} > {a.guard_max_copy:g}: it copies the training images")
+        recall = float("nan")
+        if held_out is not None and c < len(held_out) and len(held_out[c]):
+            recall = float((judge.predict(held_out[c].float()) == c).mean())
         verdicts.append(ClassVerdict(class_names[c], int(class_counts[c]), rate, base, spread, copy, not why,
-                                     "; ".join(why) or "ok"))
+                                     "; ".join(why) or "ok", recall))
     thresholds = {"min_target_rate": a.guard_min_target_rate, "min_spread": a.guard_min_spread,
                   "max_copy": a.guard_max_copy, "copy_dist": a.audit_copy_dist}
     return Audit(verdicts, judge.name, a.audit_edits, strength, real_spread, time.perf_counter() - t0, thresholds)

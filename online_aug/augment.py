@@ -240,7 +240,7 @@ def build_augmenter(cfg: Config, splits, device: torch.device, rank: int, accum:
         from .audit import audit_generator
 
         audit = audit_generator(cfg, editor, guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS),
-                                splits.class_names, splits.train.class_counts(), device)
+                                splits.class_names, splits.train.class_counts(), device, held_out_bank(splits))
     apply_speed_options(editor, cfg.aug)  # aug.cuda_graph / aug.compile / aug.channels_last (CUDA only)
     allowed = audit.allowed if audit is not None and cfg.aug.guard == "on" else None
     policy = AugPolicy(cfg.aug, splits.num_classes, splits.train.class_counts(), num_templates=editor.num_templates,
@@ -285,6 +285,15 @@ class RealRefill:
             x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", antialias=True,
                                                 align_corners=False).clamp(0, 1)
         return x
+
+
+def held_out_bank(splits, per_class: int = AUDIT_PER_CLASS) -> list[torch.Tensor] | None:
+    """The validation split's images per class (empty where a class has none), for the audit's ``(real)`` column:
+    how well its judge recognises real images it was not fit on. None without a validation split."""
+    if splits.val is None:
+        return None
+    counts = splits.val.class_counts()
+    return [x if counts[c] else x[:0] for c, x in enumerate(guard_bank(splits.val, splits.num_classes, per_class))]
 
 
 def guard_bank(train, num_classes: int, per_class: int = GUARD_PER_CLASS) -> list[torch.Tensor]:

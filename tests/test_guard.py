@@ -68,6 +68,24 @@ def test_audit_tells_a_generator_that_knows_the_classes_from_one_that_copies_or_
         assert np.mean([c.target_rate for c in audit.classes]) < 0.3
 
 
+def test_audit_says_how_well_its_judge_knows_each_class_without_changing_a_verdict(digits):
+    cfg, splits, bank, pool = digits
+    args = (cfg, _Editor("ignores", bank, pool), bank, splits.class_names, splits.train.class_counts(), CPU)
+    plain = audit_generator(*args)
+    audit = audit_generator(*args, held_out=pool)
+    assert [c.helps for c in audit.classes] == [c.helps for c in plain.classes]
+    assert all(np.isnan(c.judge_recall) for c in plain.classes)
+    recall = [c.judge_recall for c in audit.classes]
+    assert all(0.0 <= r <= 1.0 for r in recall)
+    # the judge fit on 56 images of a class knows real ones far better than the one fit on a single image
+    counts = splits.train.class_counts()
+    many, single = int(np.argmax(counts)), [c for c, n in enumerate(counts) if n == 1]
+    assert recall[many] > max(recall[c] for c in single)
+    weak = [c for c in audit.classes if not c.helps and c.judge_recall < 0.5 and "does not draw" in c.why]
+    table = audit.table()
+    assert weak and "(real)" in table and "uncertain: the judge calls only" in table  # "one": a 1-image class
+
+
 def test_audit_leaves_the_run_random_streams_alone(digits):
     cfg, splits, bank, pool = digits
     torch.manual_seed(3)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from online_aug.audit import audit_generator
-        from online_aug.augment import AUDIT_PER_CLASS, guard_bank
+        from online_aug.augment import AUDIT_PER_CLASS, guard_bank, held_out_bank
         from online_aug.data import build_splits
         from online_aug.distributed import resolve_device
         from online_aug.generator import SDEditGenerator
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
         with torch.inference_mode():
             audit = audit_generator(cfg, editor, guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS),
-                                    splits.class_names, splits.train.class_counts(), device)
+                                    splits.class_names, splits.train.class_counts(), device, held_out_bank(splits))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
