@@ -349,22 +349,16 @@ def markdown(results: dict) -> str:
         lines += ["", f"cudaDeviceSynchronize: {tr['cudaDeviceSynchronize']}; streams: {tr['streams']}; kernels "
                   f"overlapping on two streams for {tr['overlap_ms']} ms; stream switches: {tr['stream_switches']}; "
                   f"interleaved: {tr['interleaved']}", ""]
-    g = results.get("generator")
-    if g:
-        lines += ["## Generator, SD 1.5 architecture (random weights), batch 32, fp16", "",
-                  "| px | variant | images/s |", "|---:|---|---:|"]
-        for k, v in g.items():
-            px, _, rest = k.partition("_")
-            lines.append(f"| {px.removesuffix('px')} | {rest} | {v} |")
-        lines.append("")
-    lcm = results.get("lcm")
-    if lcm:
-        lines += ["## Distilled LCM rows, SD 1.5 architecture (random weights, distilled 2 steps), no CFG", "",
-                  "| px | variant | value |", "|---:|---|---:|"]
-        for k, v in lcm.items():
-            px, _, rest = k.partition("_")
-            lines.append(f"| {px.removesuffix('px')} | {rest} | {v} |")
-        lines.append("")
+    sections = [("generator", "Generator, SD 1.5 architecture (random weights), batch 32, fp16", "images/s"),
+                ("lcm", "Distilled LCM rows, SD 1.5 architecture (random weights, distilled 2 steps), no CFG", "value")]
+    for key, title, unit in sections:
+        rows = results.get(key)
+        if rows:  # keys are "<px>px_<variant>"
+            lines += [f"## {title}", "", f"| px | variant | {unit} |", "|---:|---|---:|"]
+            for k, v in rows.items():
+                px, _, rest = k.partition("_")
+                lines.append(f"| {px.removesuffix('px')} | {rest} | {v} |")
+            lines.append("")
     tr = results.get("training")
     if tr:
         lines += ["## Training, ResNet-50 224 px, batch 64, bf16", "",

@@ -118,13 +118,14 @@ def recipe_options(name: str, **overrides: Any) -> FinetuneOptions:
     return FinetuneOptions(**{**RECIPES.get(name, {}), **overrides})
 
 
-def resolve_precision(mixed_precision: str, device: torch.device) -> str:
-    """``auto``: bf16 where the device has it (no loss scaling, fp32's range), else fp16 on CUDA; bf16 on CPU."""
+def resolve_precision(mixed_precision: str, device: torch.device, cpu: str = "bf16") -> str:
+    """``auto``: bf16 where the device has it (no loss scaling, fp32's range), else fp16 on CUDA; ``cpu`` on a CPU
+    (fine-tuning: bf16; distillation: ``no``, fp32)."""
     if mixed_precision != "auto":
         return mixed_precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
+    return cpu
 
 
 def check_options(opts: FinetuneOptions, device: torch.device) -> None:

@@ -77,6 +77,7 @@ from online_aug.sdtrain.finetune import (
     load_resume_state,
     lora_state,
 )
+from online_aug.sdtrain.finetune import resolve_precision as _finetune_precision
 from online_aug.sdtrain.sd_training import (
     StepBatchSampler,
     StreamedImages,
@@ -144,11 +145,7 @@ def check_options(opts: DistillOptions, device: torch.device) -> None:
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:
     """``auto``: bf16 where the CUDA device has it, else fp16; fp32 (``no``) on a CPU."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    return _finetune_precision(mixed_precision, device, cpu="no")
 
 
 # ---------------------------------------------------------------- the recipe's math
