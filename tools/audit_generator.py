@@ -2,7 +2,8 @@
 class, vary it or copy the training images, and would the guard send edits toward it (online_aug/audit.py).
 
 Uses only what a run has (the training split, the generator as the run loads it, the classifier's pretrained
-backbone when model.pretrained), so it works on your own data; no validation or test image is read.
+backbone when model.pretrained), so it works on your own data; no test image is read, and the validation split's
+images only fill the (real) column (how well the judge knows each class), never a verdict.
 
     python tools/audit_generator.py --config configs/diff-mix.yaml [key=value ...] [--out reports/guard/audit-x]
 """
