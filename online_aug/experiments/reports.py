@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import csv
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,13 +118,16 @@ def plot(path: Path, stats: dict[str, dict[str, tuple[float, float]]], split: st
     for i, p in enumerate(presets):
         means = [stats[p][m][0] for m, _ in METRICS]
         stds = [stats[p][m][1] for m, _ in METRICS]
-        ax.bar(x + (i - (len(presets) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=p)
+        # a suite's row names run long ("Diff-Mix partial guard + real fallback, pool-agnostic SD + ..."): wrapped
+        ax.bar(x + (i - (len(presets) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+               label=textwrap.fill(p, 44))
     ax.set_xticks(x, [label for _, label in METRICS])
     ax.set_ylabel(f"{split} accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{title}: mean ± std over seeds")
-    ax.legend(fontsize=8, ncol=min(5, len(presets)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    longest = max((len(p) for p in presets), default=0)
+    ax.legend(fontsize=8, ncol=min(5 if longest <= 24 else 2, len(presets)), loc="upper center",
+              bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the axes is kept whole
     plt.close(fig)
