@@ -38,3 +38,20 @@ def test_a_cpu_run_saved_with_the_old_default_is_still_the_same_run():
     assert user_config(now) == user_config(old)
     assert user_config(now) != user_config(dataclasses.asdict(load_config(None, ["run.device=cpu",
                                                                                  "train.guard_every=5"])))
+
+
+def test_a_run_without_edits_is_the_same_run_whatever_the_aug_section_says():
+    """A CE run (aug.alpha=0, no ssl.source) never builds the generator: a changed aug.* default must not make
+    tools/compare.py train it again; with edits, or with generated unlabelled rows, the aug section counts."""
+    import dataclasses
+
+    def user(*over: str):
+        return user_config(dataclasses.asdict(load_config("configs/baseline.yaml", ["run.device=cpu", *over])))
+
+    assert user() == user("aug.guard_min_share=0.5", "aug.model=elsewhere", "aug.guidance_scale=7")
+    assert user() != user("train.lr=0.5")
+    edits = ["aug.alpha=0.5", "aug.strengths=[0.5]"]
+    assert user(*edits) != user(*edits, "aug.guard_min_share=0.5")
+    ssl = dataclasses.asdict(load_config("configs/ssl-gen.yaml", ["run.device=cpu"]))
+    moved = dataclasses.asdict(load_config("configs/ssl-gen.yaml", ["run.device=cpu", "aug.guidance_scale=7"]))
+    assert ssl["aug"]["alpha"] == 0 and user_config(ssl) != user_config(moved)  # its unlabelled rows use aug.*

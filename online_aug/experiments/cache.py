@@ -77,10 +77,15 @@ def run_dirs(runs: Path, name: str) -> set[Path]:
 def user_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config (as a dict) that decides a run: with ``train.epochs > 0`` the trainer derives
     the step count from the training split and ``train.steps`` plays no part (a run written before config.yaml's
-    ``resolved:`` record kept the derived count there)."""
+    ``resolved:`` record kept the derived count there); at ``aug.alpha = 0`` without ``ssl.source`` the ``aug``
+    section plays none."""
     cfg = copy.deepcopy(cfg)
     if cfg["train"].get("epochs", 0) > 0:
         cfg["train"]["steps"] = None
+    if not cfg.get("aug", {}).get("alpha") and cfg.get("ssl", {}).get("source", "off") == "off":
+        # no edit and no generated row: the aug section decides nothing (the generator is never built), so a CE run
+        # stays reusable when an aug.* default changes
+        cfg["aug"] = {}
     t = cfg["train"]
     if t.get("guard_every") == 0:  # auto: as it resolves on this machine (a run from before the auto default kept 1)
         dev = str(cfg.get("run", {}).get("device", "auto"))
