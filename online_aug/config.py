@@ -448,15 +448,15 @@ class AugConfig:
                                         "class's spread (below: one image repeated).", ge=0)
     guard_max_copy: float = doc(0.5, "Guard: at most this share of a class's audit edits may be copies of its "
                                      "training images.", ge=0, le=1)
-    guard_min_share: float = doc(1.0, "Guard: the classes the generator can help must hold at least this share of "
-                                      "the policy's target distribution, else no edits at all (partial edits tilt "
-                                      "the class prior away from the classes left out); 1: all or nothing.",
-                                 ge=0, le=1)
+    guard_min_share: float = doc(0.0, "Guard: the classes the generator can help must hold at least this share of "
+                                      "the policy's target distribution, else no edits at all; 0: edits toward "
+                                      "every class that passes (the default, with aug.guard_fallback=target); 1: all "
+                                      "or nothing.", ge=0, le=1)
     guard_fallback: Literal["source", "target"] = doc(
-        "source", "Guard, partial (aug.guard_min_share < 1): what an edit toward a class the generator cannot help "
-                  "becomes. source: its real source row, one-hot (no edit); target: a real training image of that "
-                  "target class, one-hot (class-balanced resampling where the generator cannot help, so the edits "
-                  "toward the classes it can help do not tilt the class prior toward those).")
+        "target", "Guard, when some classes pass and others do not: what an edit toward a class the generator cannot "
+                  "help becomes. target: a real training image of that class, one-hot (class-balanced resampling "
+                  "there, so the edits toward the classes that pass do not tilt the class prior toward them); "
+                  "source: its real source row, one-hot (measured to tilt it: docs/guard.md).")
     reuse: int = doc(1, "Reuse factor k: each edit is used in k consecutive steps (an in-memory ring, ~1/k of the "
                         "generator work; DA-Fusion's M); 1: every edit fresh.", ge=1,
                      note="times each edit is used; 1: all fresh")
@@ -492,9 +492,6 @@ class AugConfig:
         if self.guard == "on" and not self.audit and self.alpha > 0:
             raise ConfigError("aug.guard=on acts on the generator audit: set aug.audit=true, or aug.guard=off to edit "
                               "without it")
-        if self.guard_fallback == "target" and (self.guard == "off" or self.guard_min_share >= 1):
-            raise ConfigError("aug.guard_fallback=target acts on a partial guard only: set aug.guard=on and "
-                              "aug.guard_min_share below 1 (e.g. 0), or aug.guard_fallback=source")
         if self.reuse > 1 and not self.exact_alpha:
             raise ConfigError("aug.reuse > 1 reuses edits slot by slot, which needs the same number of edits every "
                               "step: set aug.exact_alpha=true (or aug.reuse=1)")
