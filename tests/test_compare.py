@@ -242,3 +242,19 @@ def test_committed_suite_tables_render_from_their_results() -> None:
         (cmd,) = [line[len("Command: `"):-1] for line in text.splitlines() if line.startswith("Command: `")]
         plan = compare.parse_args(shlex.split(cmd)[2:])
         assert reports.table(reports.read_results(path.parent / "results.csv"), plan) == text, path
+
+
+def test_a_run_written_before_a_key_existed_is_not_taken_for_todays_default(tmp_path) -> None:
+    """A run folder whose config.yaml lacks a key loads with today's default for it, which need not be what the run
+    did (the guard's rule changed under the same key names): it is not reused. At aug.alpha=0 the aug keys do not
+    count (no generator), so a CE run stays reusable."""
+    diff_mix = ["aug.model=models/tiny-sd-digits-pool", "aug.textual_inversion=", "aug.lora=",
+                "aug.prompt=a photo of the digit {name}"]
+    for preset, over, reused in [("diff-mix", diff_mix, False), ("baseline", [], True)]:
+        cfg = load_config(ROOT / "configs" / f"{preset}.yaml", over)
+        config = asdict(cfg)
+        full = _fake_run(tmp_path / preset / "full", "r-seed0", config, cfg.train.steps)
+        assert finished_run(tmp_path / preset / "full", "r-seed0", config) == full
+        del config["aug"]["guard_fallback"]  # as a run written before the key existed
+        old = _fake_run(tmp_path / preset / "old", "r-seed0", config, cfg.train.steps)
+        assert (finished_run(tmp_path / preset / "old", "r-seed0", asdict(cfg)) == old) == reused, preset

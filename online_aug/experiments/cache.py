@@ -106,6 +106,16 @@ def saved_config(run: Path) -> tuple[dict[str, Any], int] | None:
     return dataclasses.asdict(cfg), planned_steps(path, cfg)
 
 
+def _keys_not_written(run: Path, want_user: dict[str, Any]) -> list[str]:
+    """The ``section.key`` names of ``want_user`` that the run's config.yaml does not hold."""
+    try:
+        raw = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ["config.yaml"]
+    return [f"{sec}.{k}" for sec, keys in want_user.items() if isinstance(keys, dict)
+            for k in keys if k not in (raw.get(sec) or {})]
+
+
 def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
     """The newest run folder of this name that reached its final step with exactly the config ``want`` (the
     resolved config this comparison would run, as a dict); None if there is none.
@@ -119,6 +129,12 @@ def finished_run(runs: Path, name: str, want: dict[str, Any]) -> Path | None:
         if not rows or (saved := saved_config(run)) is None:
             continue
         got, steps = user_config(saved[0]), saved[1]
+        missing = _keys_not_written(run, want_user)
+        if missing:
+            # written before these keys existed: loading filled them with today's defaults, which need not be what
+            # that run did (a guard rule that has changed since, say), so it is not taken for this config
+            print(f"note: {run} was written before {', '.join(missing[:4])} existed; not reused", file=sys.stderr)
+            continue
         if got != want_user:
             diff = [f"{sec}.{k}" for sec in want_user for k in want_user[sec]
                     if got.get(sec, {}).get(k) != want_user[sec][k]]
