@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import csv
 import math
 import statistics
