@@ -94,6 +94,9 @@ def table(rows: list[dict[str, Any]], plan: Plan, failures: Sequence[Failure] = 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], plan: Plan, failures: Sequence[Failure] = ()) -> None:
     write_results(out / "results.csv", rows)
+    # the table from the values as written (rounded): a mean of the unrounded ones can round the other way, and
+    # table.md must be what results.csv renders to
+    rows = read_results(out / "results.csv")
     (out / "table.md").write_text(table(rows, plan, failures))
     if rows:
         plot(out / "plot.png", row_stats(rows), split_word(plan.split), plan.title)
