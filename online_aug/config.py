@@ -733,7 +733,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
 
 
 class DuplicateKeyError(yaml.YAMLError):
-    pass
+    """A key written twice in one YAML mapping (see :class:`_StrictLoader`)."""
 
 
 class _StrictLoader(yaml.SafeLoader):
