@@ -181,11 +181,15 @@ def _pairwise_mean(f: torch.Tensor) -> float:
 @torch.no_grad()
 def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_names: list[str],
                     class_counts: list[int], device: torch.device,
-                    held_out: list[torch.Tensor] | None = None) -> Audit:
+                    held_out: list[torch.Tensor] | None = None,
+                    judge_bank: list[torch.Tensor] | None = None) -> Audit:
     """Audit ``editor`` (an :class:`~online_aug.generator.SDEditGenerator`) on ``bank`` (training images per class,
     [n_c, 3, S, S] in [0, 1]); deterministic in ``run.seed`` and never touches the run's random streams.
     ``held_out``: real images per class the judge was not fit on (the validation split), to say how well the judge
-    itself recognises each class (the ``(real)`` column); the verdicts do not depend on them."""
+    itself recognises each class (the ``(real)`` column); the verdicts do not depend on them. ``judge_bank``: the
+    images per class the judge is fit on instead of ``bank`` (a generator's own evaluation with a judge that knows
+    more than a 1-image class, e.g. the generator pool; a run's guard never uses it: its judge sees the training
+    split only); the edits' sources stay ``bank``'s."""
     a = cfg.aug
     t0 = time.perf_counter()
     num_classes = len(bank)
@@ -196,7 +200,12 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
     images = torch.cat([x for x, ok in zip(bank, present) if ok])
     labels = np.concatenate([np.full(len(x), c) for c, (x, ok) in enumerate(zip(bank, present)) if ok])
     bank = [x if ok else images[:0] for x, ok in zip(bank, present)]
-    judge = _Judge(cfg, images, labels, device)
+    if judge_bank is None:
+        judge = _Judge(cfg, images, labels, device)
+    else:
+        judge = _Judge(cfg, torch.cat(judge_bank),
+                       np.concatenate([np.full(len(x), c) for c, x in enumerate(judge_bank)]), device)
+        judge.name = judge.name.replace("(training split)", "(the judge bank: not the training split)")
     feat = NearDuplicateGuard.features
     bank_f = [feat(x) for x in bank]
     spreads = [_pairwise_mean(f) for f in bank_f if len(f) >= MIN_REF_IMAGES]

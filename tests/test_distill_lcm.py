@@ -211,6 +211,24 @@ def test_the_leakage_record_carries_the_teacher_s_and_is_refused_like_it(sd, tmp
         check_generator_folders([str(out)], splits)
 
 
+def test_eval_with_the_pool_judge_is_kept_beside_the_training_split_one(sd, tmp_path, capsys):
+    # --eval-judge pool fits the audit's judge on the generator pool and files the result under eval_pool, leaving
+    # the training-split judge's eval (the guard's view) as it was
+    tool = _tool()
+    out = tmp_path / "lcm"
+    base = ["--config", str(ROOT / "configs/demo.yaml"), f"aug.model={sd}", "--out", str(out), "--no-progress",
+            "--eval-edits", "2"]
+    assert tool.main([*base, "--steps", "1", "--batch-size", "4", "--lora-rank", "2", "--eval"]) == 0
+    first = json.loads((out / "manifest.json").read_text())["eval"]
+    assert tool.main([*base, "--eval-only", "--eval-judge", "pool"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["eval"] == first and first["judge"] == "train"
+    assert m["eval_pool"]["judge"] == "pool" and "pool" in m["eval_pool"]["protocol"]
+    judges = {s["judge"] for s in m["eval_pool"]["settings"].values()}
+    assert judges and all("not the training split" in j for j in judges)
+    assert "classes within 0.05" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- bad input: one line, before any training
 
 

@@ -86,6 +86,22 @@ def test_audit_says_how_well_its_judge_knows_each_class_without_changing_a_verdi
     assert weak and "(real)" in table and "uncertain: the judge calls only" in table  # "one": a 1-image class
 
 
+def test_a_judge_fit_on_a_richer_bank_measures_the_generator_not_its_one_training_image(digits):
+    """``judge_bank`` (tools/distill_lcm.py --eval-judge pool): a generator that draws new real instances of every
+    class scores on the 1-image classes what it draws, not what a judge fit on one image can recognise; the edits'
+    sources and the copy measure stay the training bank's."""
+    cfg, splits, bank, pool = digits
+    draws, fit = [x[1::2] for x in pool], [x[0::2] for x in pool]  # the judge never sees the drawn images
+    args = (cfg, _Editor("knows", bank, draws), bank, splits.class_names, splits.train.class_counts(), CPU)
+    plain, rich = audit_generator(*args), audit_generator(*args, judge_bank=fit)
+    single = [c for c, n in enumerate(splits.train.class_counts()) if n == 1]
+    assert np.mean([rich.classes[c].target_rate for c in single]) > np.mean(
+        [plain.classes[c].target_rate for c in single]) + 0.2, (plain.table(), rich.table())
+    assert min(c.target_rate for c in rich.classes) >= 0.7, rich.table()
+    assert [c.copy_share for c in rich.classes] == [c.copy_share for c in plain.classes]
+    assert "not the training split" in rich.judge and "(training split)" in plain.judge
+
+
 def test_audit_leaves_the_run_random_streams_alone(digits):
     cfg, splits, bank, pool = digits
     torch.manual_seed(3)

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", action="store_true", help="audit teacher vs distilled K = 1, 2, 4 after training")
     p.add_argument("--eval-only", action="store_true", help="audit an existing --out; no training")
     p.add_argument("--eval-edits", type=int, default=64, help="edits per class in --eval (aug.audit_edits)")
+    p.add_argument("--eval-judge", choices=["train", "pool"], default="train",
+                   help="split part the --eval judge is fit on: train (what a run's guard sees) or pool (knows "
+                        "every class from ~58 images, so a 1-image class's target rate measures the generator)")
     p.add_argument("--device", default="", help="cpu / cuda (default: run.device)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_intermixed_args(argv)
@@ -97,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg.aug.audit_edits = args.eval_edits
             t0 = time.perf_counter()
             bank = guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS)
-            ev = evaluate(cfg, splits, out, bank, device)
+            ev = evaluate(cfg, splits, out, bank, device, judge=args.eval_judge)
             ev["wall_s"] = round(time.perf_counter() - t0, 1)
-            manifest["eval"] = ev
+            manifest["eval" if args.eval_judge == "train" else f"eval_{args.eval_judge}"] = ev
             print(format_eval(ev))
         write_manifest(out, {k: v for k, v in manifest.items() if k != "format"})
     except (ConfigError, FinetuneError) as e:

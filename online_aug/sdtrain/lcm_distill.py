@@ -500,26 +500,33 @@ def student_aug(aug: AugConfig, out: str | Path, steps: int) -> AugConfig:
 
 
 def evaluate(cfg: Config, splits: Splits, out: str | Path, bank: list[Tensor], device: torch.device,
-             ks: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
+             ks: tuple[int, ...] = (1, 2, 4), judge: str = "train") -> dict[str, Any]:
     """The generator audit (:func:`online_aug.audit.audit_generator`: per-class target rate, spread, copy share)
     of the teacher at its own K / CFG and of the distilled generator at each K of ``ks`` (LCM, no CFG), on the same
-    judge, sources and targets. ``bank``: training images per class (``augment.guard_bank``)."""
+    judge, sources and targets. ``bank``: training images per class (``augment.guard_bank``). ``judge``: the part
+    of the split the judge is fit on: ``train`` (what a run's guard sees) or ``pool`` (the generator pool: a judge
+    fit on one training image of a class recognises few real ones, which makes a 1-image class's target rate mostly
+    the judge's, not the generator's)."""
     from online_aug.audit import audit_generator
+    from online_aug.augment import AUDIT_PER_CLASS, guard_bank
 
     names, counts = splits.class_names, splits.train.class_counts()
     settings = {f"teacher K={cfg.aug.steps} {cfg.aug.scheduler} CFG {cfg.aug.guidance_scale:g}": cfg.aug}
     settings.update({f"LCM K={k}": student_aug(cfg.aug, out, k) for k in ks})
+    judge_bank = None if judge == "train" else guard_bank(splits.part(judge), splits.num_classes,
+                                                          AUDIT_PER_CLASS)
     res: dict[str, Any] = {}
     for label, aug in settings.items():
         c = copy.copy(cfg)
         c.aug = aug
         editor = SDEditGenerator.from_config(aug, names, device)
         with torch.inference_mode():
-            a = audit_generator(c, editor, bank, names, counts, device)
+            a = audit_generator(c, editor, bank, names, counts, device, judge_bank=judge_bank)
         res[label] = a.to_dict()
     return {"settings": res, "edits_per_class": cfg.aug.audit_edits,
             "protocol": "online_aug.audit.audit_generator: edits toward each class from training images of the "
-                        "other classes at the policy's highest strength, judged on the training split"}
+                        f"other classes at the policy's highest strength, judged by a judge fit on the {judge} "
+                        f"split part", "judge": judge}
 
 
 def format_eval(ev: dict[str, Any]) -> str:
@@ -528,7 +535,8 @@ def format_eval(ev: dict[str, Any]) -> str:
     labels = list(ev["settings"])
     first = ev["settings"][labels[0]]["classes"]
     head = f"{'class':<10}" + "".join(f"{lab:>30}" for lab in labels)
-    lines = [f"target rate / spread / copies, {ev['edits_per_class']} edits per class", head]
+    lines = [f"target rate / spread / copies, {ev['edits_per_class']} edits per class, the judge fit on the "
+             f"{ev.get('judge', 'train')} split part", head]
     for i, c in enumerate(first):
         row = f"{c['name']:<10}"
         for lab in labels:
