@@ -6,6 +6,9 @@ backbone when model.pretrained), so it works on your own data; no test image is 
 images only fill the (real) column (how well the judge knows each class), never a verdict.
 
     python tools/audit_generator.py --config configs/diff-mix.yaml [key=value ...] [--out reports/guard/audit-x]
+
+``--judge pool`` fits the judge on the generator pool instead (a generator's own evaluation, as
+``tools/distill_lcm.py --eval-judge pool``: a judge that knows every class, not the guard's view of a run).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the run's config (its data, model and aug sections are used)")
     p.add_argument("--out", default="", help="folder for audit.json and audit.md (default: print only)")
+    p.add_argument("--judge", choices=["train", "pool"], default="train",
+                   help="split part the judge is fit on: train (what a run's guard sees) or pool")
     p.add_argument("overrides", nargs="*", help="dotted overrides, as train.py takes them")
     args = p.parse_intermixed_args(argv)
     try:
@@ -40,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         check_generator_inputs(cfg.aug, splits.num_classes)
         device = resolve_device(cfg)
         editor = SDEditGenerator.from_config(cfg.aug, splits.class_names, device)
+        judge_bank = (None if args.judge == "train"
+                      else guard_bank(splits.part(args.judge), splits.num_classes, AUDIT_PER_CLASS))
         with torch.inference_mode():
             audit = audit_generator(cfg, editor, guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS),
-                                    splits.class_names, splits.train.class_counts(), device, held_out_bank(splits))
+                                    splits.class_names, splits.train.class_counts(), device, held_out_bank(splits),
+                                    judge_bank=judge_bank)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
