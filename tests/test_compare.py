@@ -247,7 +247,7 @@ def test_committed_suite_tables_render_from_their_results() -> None:
 def test_a_run_written_before_a_key_existed_is_not_taken_for_todays_default(tmp_path) -> None:
     """A run folder whose config.yaml lacks a key loads with today's default for it, which need not be what the run
     did (the guard's rule changed under the same key names): it is not reused. At aug.alpha=0 the aug keys do not
-    count (no generator), so a CE run stays reusable."""
+    count (no generator), so a CE run stays reusable; without ssl.source the ssl keys do not."""
     diff_mix = ["aug.model=models/tiny-sd-digits-pool", "aug.textual_inversion=", "aug.lora=",
                 "aug.prompt=a photo of the digit {name}"]
     for preset, over, reused in [("diff-mix", diff_mix, False), ("baseline", [], True)]:
@@ -258,3 +258,11 @@ def test_a_run_written_before_a_key_existed_is_not_taken_for_todays_default(tmp_
         del config["aug"]["guard_fallback"]  # as a run written before the key existed
         old = _fake_run(tmp_path / preset / "old", "r-seed0", config, cfg.train.steps)
         assert (finished_run(tmp_path / preset / "old", "r-seed0", asdict(cfg)) == old) == reused, preset
+    # without ssl.source no ssl.* key is read: a run written before the ssl section existed is the same run; with
+    # ssl.source on it is not
+    for preset, reused in [("diff-mix", True), ("ssl-real-pool", False)]:
+        cfg = load_config(ROOT / "configs" / f"{preset}.yaml", diff_mix if preset == "diff-mix" else [])
+        config = asdict(cfg)
+        del config["ssl"]["start"]
+        old = _fake_run(tmp_path / preset / "no-ssl", "r-seed0", config, cfg.train.steps)
+        assert (finished_run(tmp_path / preset / "no-ssl", "r-seed0", asdict(cfg)) == old) == reused, preset

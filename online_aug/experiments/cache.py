@@ -78,7 +78,7 @@ def user_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config (as a dict) that decides a run: with ``train.epochs > 0`` the trainer derives
     the step count from the training split and ``train.steps`` plays no part (a run written before config.yaml's
     ``resolved:`` record kept the derived count there); at ``aug.alpha = 0`` without ``ssl.source`` the ``aug``
-    section plays none."""
+    section plays none; without ``ssl.source`` the ``ssl`` section plays none."""
     cfg = copy.deepcopy(cfg)
     if cfg["train"].get("epochs", 0) > 0:
         cfg["train"]["steps"] = None
@@ -86,6 +86,10 @@ def user_config(cfg: dict[str, Any]) -> dict[str, Any]:
         # no edit and no generated row: the aug section decides nothing (the generator is never built), so a CE run
         # stays reusable when an aug.* default changes
         cfg["aug"] = {}
+    if cfg.get("ssl", {}).get("source", "off") == "off":
+        # no unlabelled row: no ssl.* key is read (no teacher, no pseudo-label), so a run written before the ssl
+        # section existed is the same run
+        cfg["ssl"] = {}
     t = cfg["train"]
     if t.get("guard_every") == 0:  # auto: as it resolves on this machine (a run from before the auto default kept 1)
         dev = str(cfg.get("run", {}).get("device", "auto"))
