@@ -260,6 +260,13 @@ def test_a_run_written_before_a_key_existed_is_not_taken_for_todays_default(tmp_
         assert (finished_run(tmp_path / preset / "old", "r-seed0", asdict(cfg)) == old) == reused, preset
     # without ssl.source no ssl.* key is read: a run written before the ssl section existed is the same run; with
     # ssl.source on it is not
+    # with aug.guard=off the guard's keys are never read either: its share and fallback do not count
+    cfg = load_config(ROOT / "configs" / "diff-mix.yaml", [*diff_mix, "aug.guard=off"])
+    config = asdict(cfg)
+    config["aug"]["guard_fallback"] = "source" if cfg.aug.guard_fallback == "target" else "target"
+    del config["aug"]["guard_min_share"]
+    other = _fake_run(tmp_path / "unguarded", "r-seed0", config, cfg.train.steps)
+    assert finished_run(tmp_path / "unguarded", "r-seed0", asdict(cfg)) == other
     for preset, reused in [("diff-mix", True), ("ssl-real-pool", False)]:
         cfg = load_config(ROOT / "configs" / f"{preset}.yaml", diff_mix if preset == "diff-mix" else [])
         config = asdict(cfg)

@@ -78,7 +78,8 @@ def user_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config (as a dict) that decides a run: with ``train.epochs > 0`` the trainer derives
     the step count from the training split and ``train.steps`` plays no part (a run written before config.yaml's
     ``resolved:`` record kept the derived count there); at ``aug.alpha = 0`` without ``ssl.source`` the ``aug``
-    section plays none; without ``ssl.source`` the ``ssl`` section plays none."""
+    section plays none; without ``ssl.source`` the ``ssl`` section plays none; with ``aug.guard=off`` the guard's
+    own keys play none."""
     cfg = copy.deepcopy(cfg)
     if cfg["train"].get("epochs", 0) > 0:
         cfg["train"]["steps"] = None
@@ -86,6 +87,12 @@ def user_config(cfg: dict[str, Any]) -> dict[str, Any]:
         # no edit and no generated row: the aug section decides nothing (the generator is never built), so a CE run
         # stays reusable when an aug.* default changes
         cfg["aug"] = {}
+    aug = cfg.get("aug", {})
+    if aug.get("guard") == "off":
+        # no guard: its thresholds only word the audit's verdicts (the audit leaves the run's random streams alone)
+        # and its share and fallback are never read
+        for k in [k for k in aug if k.startswith("guard_")]:
+            del aug[k]
     if cfg.get("ssl", {}).get("source", "off") == "off":
         # no unlabelled row: no ssl.* key is read (no teacher, no pseudo-label), so a run written before the ssl
         # section existed is the same run
