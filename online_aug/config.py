@@ -575,6 +575,10 @@ class SSLConfig:
                                             "the image as made).")
     strengths: list[float] = doc([1.0], "source=generator: SDEdit strengths drawn per unlabelled image (1 with "
                                         "aug.gen_from_noise: from noise).", gt=0, le=1)
+    edit_sources: Literal["batch", "balanced"] = doc(
+        "batch", "source=generator, strengths < 1: the images the SDEdit starts from: batch = the micro-batch's own "
+                 "(long-tailed, as the loader draws them); balanced = training images of a class drawn uniformly "
+                 "(the tail's few images varied as often as the head's).")
 
     def validate(self) -> None:
         check_bounds(self, "ssl")

@@ -2,9 +2,10 @@
 labelled micro-batch, so the prefetch queue hides their cost as it hides the edits'.
 
 - ``pool``: the generator pool's real images with their labels dropped (the ceiling: a perfect generator);
-- ``generator``: ``aug.model``'s images: an SDEdit of images of the micro-batch at a strength from ``ssl.strengths``
-  (from pure noise at strength 1 with ``aug.gen_from_noise``) toward a class drawn at random; whatever the prompt
-  promised, the label is dropped: the teacher labels the image (:mod:`online_aug.ssl`).
+- ``generator``: ``aug.model``'s images: an SDEdit at a strength from ``ssl.strengths`` (from pure noise at strength 1
+  with ``aug.gen_from_noise``) of images of the micro-batch, or (``ssl.edit_sources=balanced``) of training images
+  of a class drawn uniformly, toward a class drawn at random; whatever the prompt promised, the label is dropped:
+  the teacher labels the image (:mod:`online_aug.pseudo_labels`).
 
 Each image comes as a weak view (as made) and a strong view (timm RandAugment, ``ssl.strong``). Micro-step k's rows
 are a function of (seed, rank, k) and of the micro-batch alone, never of the classifier, so the prefetcher, the
@@ -29,11 +30,14 @@ Augment = Callable[..., Batch]
 class UnlabelledRows:
     """``rows(images, micro_step) -> (weak, strong)``, each [mu * B, 3, H, W] in [0, 1] on ``device``."""
 
-    def __init__(self, cfg: Config, device: torch.device, rank: int, num_classes: int, pool=None, editor=None):
+    def __init__(self, cfg: Config, device: torch.device, rank: int, num_classes: int, pool=None, editor=None,
+                 sources: list[torch.Tensor] | None = None):
         from timm.data.auto_augment import rand_augment_transform
 
         self.s, self.device, self.seed, self.rank = cfg.ssl, device, cfg.run.seed, rank
         self.num_classes, self.pool, self.editor = num_classes, pool, editor
+        # ssl.edit_sources=balanced: training images per class (classes without one left out), on the device
+        self.sources = None if sources is None else [x.to(device) for x in sources if len(x)]
         size = cfg.data.image_size
         self.strong_aug = rand_augment_transform(cfg.ssl.strong, {"translate_const": int(size * 0.45)})
         self.strengths = torch.tensor(cfg.ssl.strengths, dtype=torch.float32)
@@ -55,7 +59,11 @@ class UnlabelledRows:
         return weak.to(self.device, non_blocking=True), torch.stack(strong).to(self.device, non_blocking=True)
 
     def _generate(self, images: torch.Tensor, rng: np.random.Generator, u: int) -> torch.Tensor:
-        src = images[torch.as_tensor(rng.integers(len(images), size=u), device=images.device)]
+        if self.sources is None:
+            src = images[torch.as_tensor(rng.integers(len(images), size=u), device=images.device)]
+        else:  # a class uniformly, then one of its training images: the tail's images are edited as often
+            cls = rng.integers(len(self.sources), size=u)
+            src = torch.stack([self.sources[c][int(rng.integers(len(self.sources[c])))] for c in cls])
         strength = self.strengths[torch.as_tensor(rng.integers(len(self.strengths), size=u))]
         # the class the prompt names (with learned tokens or {name}) is drawn uniformly, so the generator spreads its
         # images over every class it can draw; the label it implies is never used
@@ -109,4 +117,14 @@ def build_unlabelled(cfg: Config, splits, device: torch.device, rank: int) -> Un
     editor = SDEditGenerator.from_config(cfg.aug, resolve_class_names(cfg.aug.class_names, splits.class_names),
                                          device)
     apply_speed_options(editor, cfg.aug)
-    return UnlabelledRows(cfg, device, rank, splits.num_classes, editor=editor)
+    sources = None
+    if cfg.ssl.edit_sources == "balanced":
+        from .augment import AUDIT_PER_CLASS, guard_bank
+
+        counts = splits.train.class_counts()
+        bank = guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS)  # the first <= 64 images of each class
+        size = cfg.data.image_size
+        sources = [torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                   align_corners=False).clamp(0, 1) if x.shape[-1] != size else x
+                   for x, n in zip(bank, counts) if n]
+    return UnlabelledRows(cfg, device, rank, splits.num_classes, editor=editor, sources=sources)

@@ -151,6 +151,28 @@ def test_unlabelled_pool_rows_are_keyed_by_step_and_leave_global_rngs_alone() ->
     assert w1.shape == (4 * cfg.ssl.mu, 3, 16, 16) and not torch.equal(w1, s1)  # the strong view differs
 
 
+def test_balanced_edit_sources_vary_every_class_as_often() -> None:
+    """ssl.edit_sources=balanced: the SDEdit starts from training images of a class drawn uniformly, not from the
+    long-tailed micro-batch; keyed by the step like every unlabelled row."""
+    from online_aug.unlabelled import UnlabelledRows
+
+    class Identity:  # the edit returns its source: what was drawn is what comes out
+        def edit(self, src, strength, target, generator=None):
+            return src, torch.ones(len(src), dtype=torch.bool)
+
+    cfg = load_config(ROOT / "configs/ssl-gen.yaml", ["data.image_size=8", "ssl.strengths=[0.5]",
+                                                      "ssl.edit_sources=balanced"])
+    sources = [torch.full((n, 3, 8, 8), c / 10) for c, n in enumerate([5, 1, 3])]
+    rows = UnlabelledRows(cfg, torch.device("cpu"), 0, 3, editor=Identity(), sources=sources)
+    batch = torch.zeros(64, 3, 8, 8)  # a head-only micro-batch: with balanced sources it is never edited
+    drawn = torch.cat([rows(batch, k)[0][:, 0, 0, 0] for k in range(20)])
+    share = torch.stack([(drawn - c / 10).abs().lt(1e-6).float().mean() for c in range(3)])
+    assert share.sum() == 1 and (share - 1 / 3).abs().max() < 0.05, share
+    assert torch.equal(rows(batch, 3)[0], rows(batch, 3)[0])
+    cfg.ssl.edit_sources = "batch"
+    assert UnlabelledRows(cfg, torch.device("cpu"), 0, 3, editor=Identity())(batch, 3)[0].abs().sum() == 0
+
+
 # ---------------------------------------------------------------- bad input
 
 
