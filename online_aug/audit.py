@@ -174,6 +174,14 @@ class _Judge:
         return self.clf.predict(self.features(x))
 
 
+def fit_judge(cfg: Config, bank: list[torch.Tensor], device: torch.device) -> _Judge:
+    """The audit's judge fit on ``bank`` (images per class) instead of the training split: for a generator's own
+    evaluation (the generator pool knows every class; a run's guard never uses it)."""
+    judge = _Judge(cfg, torch.cat(bank), np.concatenate([np.full(len(x), c) for c, x in enumerate(bank)]), device)
+    judge.name = judge.name.replace("(training split)", "(the judge bank: not the training split)")
+    return judge
+
+
 def _pairwise_mean(f: torch.Tensor) -> float:
     return float(torch.pdist(f).mean()) / NearDuplicateGuard.SIZE if len(f) > 1 else float("nan")
 
@@ -200,12 +208,7 @@ def audit_generator(cfg: Config, editor: Any, bank: list[torch.Tensor], class_na
     images = torch.cat([x for x, ok in zip(bank, present) if ok])
     labels = np.concatenate([np.full(len(x), c) for c, (x, ok) in enumerate(zip(bank, present)) if ok])
     bank = [x if ok else images[:0] for x, ok in zip(bank, present)]
-    if judge_bank is None:
-        judge = _Judge(cfg, images, labels, device)
-    else:
-        judge = _Judge(cfg, torch.cat(judge_bank),
-                       np.concatenate([np.full(len(x), c) for c, x in enumerate(judge_bank)]), device)
-        judge.name = judge.name.replace("(training split)", "(the judge bank: not the training split)")
+    judge = _Judge(cfg, images, labels, device) if judge_bank is None else fit_judge(cfg, judge_bank, device)
     feat = NearDuplicateGuard.features
     bank_f = [feat(x) for x in bank]
     spreads = [_pairwise_mean(f) for f in bank_f if len(f) >= MIN_REF_IMAGES]

@@ -226,3 +226,26 @@ def test_the_exported_tag_is_the_one_the_final_metrics_describe(tmp_path: Path) 
     assert final_tag(ckpt) == "step00000004" and final_tag(ckpt, "val") == "step00000004"
     (ckpt / BEST).mkdir()
     assert final_tag(ckpt, "val") == BEST and final_tag(ckpt, "last") == "step00000004"
+
+
+def test_pseudo_label_check_labels_generated_images_with_the_run_s_classifier_and_the_pool_judge(
+        frozen_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """tools/pseudo_label_check.py: a finished run's classifier and a pool-fit judge each name every generated image
+    once; the histogram rows add up to the images asked for."""
+    import importlib.util
+
+    from tiny_sd import save_tiny_sd
+
+    spec = importlib.util.spec_from_file_location("plc", REPO / "tools" / "pseudo_label_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    sd = save_tiny_sd(tmp_path / "sd")
+    rc = tool.main(["--config", str(REPO / "configs/ssl-gen.yaml"), "--run", str(frozen_run), "--n", "12",
+                    f"aug.model={sd}", "aug.steps=1", "data.image_size=16", "data.imbalance_ratio=1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.rstrip().endswith("pool judge"))
+    rows = [line.split() for line in lines[head + 1:head + 11]]
+    assert len(rows) == 10 and sum(int(r[2]) for r in rows) == 12 and sum(int(r[4]) for r in rows) == 12
+    assert all(int(r[3]) <= int(r[2]) for r in rows) and "agree on" in out
