@@ -273,3 +273,15 @@ def test_a_run_written_before_a_key_existed_is_not_taken_for_todays_default(tmp_
         del config["ssl"]["start"]
         old = _fake_run(tmp_path / preset / "no-ssl", "r-seed0", config, cfg.train.steps)
         assert (finished_run(tmp_path / preset / "no-ssl", "r-seed0", asdict(cfg)) == old) == reused, preset
+
+
+def test_a_row_missing_a_seed_says_which_seeds_it_averages() -> None:
+    """The title names the plan's seeds; a row whose run failed (or is still training under another compare) is
+    averaged over fewer, and says so in its name instead of passing for all of them."""
+    compare = _compare_module()
+    plan = compare.parse_args(["--suite", "easy-regime"])
+    rows = [r for r in reports.read_results(ROOT / "reports" / "easy-regime" / "results.csv")
+            if not (r["preset"] == "CE" and r["seed"] == 4)]
+    text = reports.table(rows, plan)
+    assert "| CE (seeds 0 1 2 3 only) |" in text
+    assert "| Real-Gen, pool class-named SD |" in text  # complete rows keep their name

@@ -85,7 +85,10 @@ def table(rows: list[dict[str, Any]], plan: Plan, failures: Sequence[Failure] = 
     for p in stats:
         cells = [f"{stats[p][m][0]:.2f} ± {stats[p][m][1]:.2f}" for m, _ in METRICS]
         wall, _ = mean_std([r["wall_s"] for r in rows if r["preset"] == p])
-        lines.append(f"| {p} | " + " | ".join(cells) + f" | {wall:.0f} |")
+        seeds = sorted({r["seed"] for r in rows if r["preset"] == p})
+        # a row with a failed or missing run must not pass for the title's seeds
+        name = p if len(seeds) >= len(plan.seeds) else f"{p} (seeds {' '.join(map(str, seeds))} only)"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall:.0f} |")
     if failures:
         lines += ["", "Failed runs (not in the table): " + "; ".join(map(str, failures))]
     lines += ["", f"Command: `{plan.command}`", ""]
