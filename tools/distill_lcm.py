@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg.aug.audit_edits = args.eval_edits
             t0 = time.perf_counter()
             bank = guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS)
-            ev = evaluate(cfg, splits, out, bank, device, judge=args.eval_judge)
+            judge_bank = (None if args.eval_judge == "train"
+                          else guard_bank(splits.part(args.eval_judge), splits.num_classes, AUDIT_PER_CLASS))
+            ev = evaluate(cfg, splits, out, bank, device, judge=args.eval_judge, judge_bank=judge_bank)
             ev["wall_s"] = round(time.perf_counter() - t0, 1)
             manifest["eval" if args.eval_judge == "train" else f"eval_{args.eval_judge}"] = ev
             print(format_eval(ev))

@@ -500,21 +500,19 @@ def student_aug(aug: AugConfig, out: str | Path, steps: int) -> AugConfig:
 
 
 def evaluate(cfg: Config, splits: Splits, out: str | Path, bank: list[Tensor], device: torch.device,
-             ks: tuple[int, ...] = (1, 2, 4), judge: str = "train") -> dict[str, Any]:
+             ks: tuple[int, ...] = (1, 2, 4), judge: str = "train",
+             judge_bank: list[Tensor] | None = None) -> dict[str, Any]:
     """The generator audit (:func:`online_aug.audit.audit_generator`: per-class target rate, spread, copy share)
     of the teacher at its own K / CFG and of the distilled generator at each K of ``ks`` (LCM, no CFG), on the same
     judge, sources and targets. ``bank``: training images per class (``augment.guard_bank``). ``judge``: the part
-    of the split the judge is fit on: ``train`` (what a run's guard sees) or ``pool`` (the generator pool: a judge
-    fit on one training image of a class recognises few real ones, which makes a 1-image class's target rate mostly
-    the judge's, not the generator's)."""
+    of the split the judge is fit on, ``judge_bank`` its images per class (None: ``bank``, what a run's guard sees;
+    the generator pool's: a judge fit on one training image of a class recognises few real ones, which makes a
+    1-image class's target rate mostly the judge's, not the generator's)."""
     from online_aug.audit import audit_generator
-    from online_aug.augment import AUDIT_PER_CLASS, guard_bank
 
     names, counts = splits.class_names, splits.train.class_counts()
     settings = {f"teacher K={cfg.aug.steps} {cfg.aug.scheduler} CFG {cfg.aug.guidance_scale:g}": cfg.aug}
     settings.update({f"LCM K={k}": student_aug(cfg.aug, out, k) for k in ks})
-    judge_bank = None if judge == "train" else guard_bank(splits.part(judge), splits.num_classes,
-                                                          AUDIT_PER_CLASS)
     res: dict[str, Any] = {}
     for label, aug in settings.items():
         c = copy.copy(cfg)
