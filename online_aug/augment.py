@@ -296,12 +296,14 @@ def held_out_bank(splits, per_class: int = AUDIT_PER_CLASS) -> list[torch.Tensor
     return [x if counts[c] else x[:0] for c, x in enumerate(guard_bank(splits.val, splits.num_classes, per_class))]
 
 
-def guard_bank(train, num_classes: int, per_class: int = GUARD_PER_CLASS) -> list[torch.Tensor]:
-    """Up to ``per_class`` training images of each class (the first ones: deterministic), [n, 3, S, S] each."""
+def guard_bank(train, num_classes: int, per_class: int = GUARD_PER_CLASS,
+               resolution: int | None = None) -> list[torch.Tensor]:
+    """Up to ``per_class`` training images of each class (the first ones: deterministic), [n, 3, S, S] each, resized
+    to ``resolution`` when given."""
     labels = np.asarray(train.labels)
     out = []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)[:per_class]
         # subset() drops the training transform: the bank holds the images as they are, not RandAugment draws
-        out.append(train.subset(idx).tensors()[0] if len(idx) else torch.full((1, 3, 8, 8), 1e3))
+        out.append(train.subset(idx).tensors(resolution)[0] if len(idx) else torch.full((1, 3, 8, 8), 1e3))
     return out

@@ -36,8 +36,8 @@ class UnlabelledRows:
 
         self.s, self.device, self.seed, self.rank = cfg.ssl, device, cfg.run.seed, rank
         self.num_classes, self.pool, self.editor = num_classes, pool, editor
-        # ssl.edit_sources=balanced: training images per class (classes without one left out), on the device
-        self.sources = None if sources is None else [x.to(device) for x in sources if len(x)]
+        # ssl.edit_sources=balanced: training images of each class that has some, on the device
+        self.sources = None if sources is None else [x.to(device) for x in sources]
         size = cfg.data.image_size
         self.strong_aug = rand_augment_transform(cfg.ssl.strong, {"translate_const": int(size * 0.45)})
         self.strengths = torch.tensor(cfg.ssl.strengths, dtype=torch.float32)
@@ -121,10 +121,7 @@ def build_unlabelled(cfg: Config, splits, device: torch.device, rank: int) -> Un
     if cfg.ssl.edit_sources == "balanced":
         from .augment import AUDIT_PER_CLASS, guard_bank
 
-        counts = splits.train.class_counts()
-        bank = guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS)  # the first <= 64 images of each class
-        size = cfg.data.image_size
-        sources = [torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                   align_corners=False).clamp(0, 1) if x.shape[-1] != size else x
-                   for x, n in zip(bank, counts) if n]
+        # the first <= 64 training images of each class at the view's size; a class without one is left out
+        bank = guard_bank(splits.train, splits.num_classes, AUDIT_PER_CLASS, cfg.data.image_size)
+        sources = [x for x, n in zip(bank, splits.train.class_counts()) if n]
     return UnlabelledRows(cfg, device, rank, splits.num_classes, editor=editor, sources=sources)
